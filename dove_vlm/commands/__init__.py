@@ -1,0 +1,1 @@
+"""Sub-commands of `dove-vlm`; each module defines `register(subparsers)` and sets `handler`."""

@@ -1,0 +1,77 @@
+"""The causal token generator: GPT-NeoX over `[proj(H_v) ; H_q ; t_1..t_N]` in one forward pass.
+
+Each timestep slot t_i reads the whole image (and the query) plus t_1..t_{i-1}, so token z_i never
+depends on how many tokens are eventually kept: every length is a prefix of the same sequence, and
+choosing the length costs nothing beyond this one pass.
+
+Queries of different lengths are left-padded inside their segment; position ids skip the padding, so a
+sample's tokens in a batch equal its tokens alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import GPTNeoXConfig, GPTNeoXModel
+
+from .config import DoveConfig
+
+
+def sinusoidal_encoding(length: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The transformer's fixed sin/cos table for positions 1..length, [length, dim], fp32."""
+    positions = torch.arange(1, length + 1, device=device, dtype=torch.float32).unsqueeze(1)
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = positions * frequencies.unsqueeze(0)
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(length, 1, device=device)], dim=1)
+    return table
+
+
+class TokenGenerator(nn.Module):
+    def __init__(self, config: DoveConfig, backbone: GPTNeoXModel | None = None) -> None:
+        super().__init__()
+        self.max_tokens = config.max_tokens
+        self.backbone = backbone if backbone is not None else GPTNeoXModel(GPTNeoXConfig(**config.generator))
+        hidden = self.backbone.config.hidden_size
+        grid_cells = config.grid_size**2
+        self.visual_proj = nn.Linear(config.latent_channels, hidden)
+        self.visual_pos = nn.Parameter(torch.randn(grid_cells, hidden) * 0.02)
+        self.timestep_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.token_head = nn.Linear(hidden, config.token_dim)
+        self.eos_head = nn.Linear(hidden, 1)
+
+    def embed_query(self, query_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(query_ids)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        query_ids: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent grid [B,C,g,g] (+ left-padded query ids [B,Q]) -> tokens [B,N,D] and EOS logits [B,N]."""
+        batch = latents.shape[0]
+        dtype = self.visual_proj.weight.dtype
+        visual = self.visual_proj(latents.to(dtype).flatten(2).transpose(1, 2)) + self.visual_pos
+        table = sinusoidal_encoding(self.max_tokens, visual.shape[-1], device=latents.device).to(dtype)
+        timesteps = self.timestep_proj(table).unsqueeze(0).expand(batch, -1, -1)
+        pieces = [visual]
+        masks = [torch.ones(batch, visual.shape[1], dtype=torch.long, device=latents.device)]
+        if query_ids is not None and query_ids.shape[1] > 0:
+            if query_mask is None:
+                query_mask = torch.ones_like(query_ids)
+            pieces.append(self.embed_query(query_ids).to(dtype))
+            masks.append(query_mask.long())
+        pieces.append(timesteps)
+        masks.append(torch.ones(batch, self.max_tokens, dtype=torch.long, device=latents.device))
+        embeddings = torch.cat(pieces, dim=1)
+        attention_mask = torch.cat(masks, dim=1)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.backbone(
+            inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, -self.max_tokens :]
+        return self.token_head(hidden), self.eos_head(hidden).squeeze(-1)

@@ -1,0 +1,366 @@
+"""`DoveTokenizer`: images (and optional text queries) in, a variable number of continuous tokens out, and back.
+
+    VQ encoder -> latent grid H_v --proj--> [H_v ; H_q ; t_1..t_N] -> GPT-NeoX (causal, one pass)
+        -> z_1..z_N and EOS logits -> length L -> z_1..z_L -> bidirectional decoder -> latent grid -> VQ decoder
+
+The tokenizer knows nothing of LLMs; `llava_adapter` wraps it as a vision tower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, GPTNeoXModel, PreTrainedTokenizerBase
+
+from .config import CONFIG_NAME, DoveConfig
+from .decoder import TokenDecoder
+from .generator import TokenGenerator
+from .hub import atomic_directory, resolve_pretrained_dir
+from .image_processing import DoveImageProcessor, ImageInput
+from .length import lengths_from_eos, mask_from_lengths, resolve_budget
+from .presets import preset_config
+from .text import byte_level_text_tokenizer, prepare_query_tokenizer
+from .vq import VQBackbone
+
+WEIGHTS_NAME = "model.safetensors"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+
+QueryInput = str | Sequence[str | None] | None
+BudgetInput = int | Sequence[int] | torch.Tensor | None
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the architecture; the message names the keys."""
+
+
+@dataclass
+class DoveEncoding:
+    """A batch of variable-length token sequences, padded to N.
+
+    `tokens` is zero after each image's end and `attention_mask` marks the kept positions; `eos_probs`
+    covers all N positions whatever the chosen lengths.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    attention_mask: torch.Tensor
+    eos_probs: torch.Tensor
+
+    def features(self) -> list[torch.Tensor]:
+        """One [L_i, D] tensor per image: what an LLM sees (no padding)."""
+        return [self.tokens[i, : int(n)] for i, n in enumerate(self.lengths)]
+
+    def to(self, device: torch.device | str) -> "DoveEncoding":
+        return DoveEncoding(
+            tokens=self.tokens.to(device),
+            lengths=self.lengths.to(device),
+            attention_mask=self.attention_mask.to(device),
+            eos_probs=self.eos_probs.to(device),
+        )
+
+
+@dataclass
+class Reconstruction:
+    """Reconstructions of one batch at each requested budget and at the automatic length."""
+
+    inputs: torch.Tensor
+    by_budget: dict[int, torch.Tensor] = field(default_factory=dict)
+    auto: torch.Tensor | None = None
+    auto_lengths: torch.Tensor | None = None
+
+
+class DoveTokenizer(nn.Module):
+    def __init__(
+        self,
+        config: DoveConfig,
+        text_tokenizer: PreTrainedTokenizerBase | None = None,
+        vq_model: Any | None = None,
+        generator_backbone: GPTNeoXModel | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vq = VQBackbone(config.vq, model=vq_model)
+        self.generator = TokenGenerator(config, backbone=generator_backbone)
+        self.decoder = TokenDecoder(config)
+        self.image_processor = DoveImageProcessor(config.image_size)
+        self.text_tokenizer = prepare_query_tokenizer(text_tokenizer or byte_level_text_tokenizer())
+        vocab = self.generator.backbone.config.vocab_size
+        if len(self.text_tokenizer) > vocab:
+            raise ValueError(
+                f"the text tokenizer has {len(self.text_tokenizer)} ids but the generator embeds only {vocab}"
+            )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, name: str, text_tokenizer: PreTrainedTokenizerBase | None = None) -> "DoveTokenizer":
+        """A randomly initialised tokenizer of a named architecture (see `tokenizer.presets`)."""
+        return cls(preset_config(name), text_tokenizer=text_tokenizer)
+
+    @classmethod
+    def from_components(
+        cls,
+        vq: str | os.PathLike | nn.Module,
+        generator: str | os.PathLike | GPTNeoXModel,
+        text_tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None,
+        preset: str = "dove-pythia70m-amused256",
+        vq_subfolder: str | None = "vqvae",
+        revision: str | None = None,
+        **overrides: Any,
+    ) -> "DoveTokenizer":
+        """Initialise as the paper does: a pretrained VQGAN and a pretrained Pythia, new heads and decoder.
+
+        `vq` is a `VQModel`, a local dir or a hub id (`amused/amused-256`, read from `vq_subfolder`);
+        `generator` a GPT-NeoX model, dir or hub id (`EleutherAI/pythia-70m`). The text tokenizer defaults
+        to the generator's own. `preset` supplies the remaining fields; `overrides` replace any of them.
+        """
+        from diffusers import VQModel
+
+        if isinstance(vq, nn.Module):
+            vq_model = vq
+        else:
+            vq_dir = _component_dir(vq, vq_subfolder, revision, marker=CONFIG_NAME)
+            vq_model = VQModel.from_pretrained(vq_dir)
+        if isinstance(generator, nn.Module):
+            backbone = generator
+            generator_dir = None
+        else:
+            generator_dir = resolve_pretrained_dir(generator, revision=revision)
+            backbone = GPTNeoXModel.from_pretrained(generator_dir)
+        if text_tokenizer is None and generator_dir is not None:
+            text_tokenizer = AutoTokenizer.from_pretrained(generator_dir)
+        elif isinstance(text_tokenizer, (str, os.PathLike)):
+            text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(text_tokenizer, revision=revision))
+        data = preset_config(preset).to_dict()
+        data.update(overrides)
+        data["vq"] = {k: _plain(v) for k, v in dict(vq_model.config).items() if not k.startswith("_")}
+        generator_config = backbone.config.to_dict()
+        data["generator"] = {k: v for k, v in generator_config.items() if k in _GENERATOR_FIELDS}
+        data["preset"] = None
+        config = DoveConfig.from_dict(data)
+        return cls(config, text_tokenizer=text_tokenizer, vq_model=vq_model, generator_backbone=backbone)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | os.PathLike, revision: str | None = None, preset: str | None = None
+    ) -> "DoveTokenizer":
+        """Load a checkpoint written by `save_pretrained` (a local dir or a hub id).
+
+        With `preset`, the architecture comes from that preset and the checkpoint must match it; a
+        mismatch names the offending keys.
+        """
+        directory = resolve_pretrained_dir(path_or_id, revision=revision)
+        config = preset_config(preset) if preset else DoveConfig.load(directory)
+        text_dir = directory / TEXT_TOKENIZER_DIR
+        text_tokenizer = AutoTokenizer.from_pretrained(text_dir) if text_dir.is_dir() else None
+        model = cls(config, text_tokenizer=text_tokenizer)
+        model.load_weights(directory / WEIGHTS_NAME)
+        return model
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load a safetensors state dict, refusing (with the key names) any missing, extra or misshapen tensor."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no weights file at {path}")
+        state = load_file(str(path))
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or misshapen:
+            parts = []
+            if misshapen:
+                shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshapen[:8])
+                parts.append(f"{len(misshapen)} with other shapes (checkpoint vs model): {shown}")
+            if missing:
+                parts.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}")
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not match this architecture (preset {self.config.preset!r}); "
+                + "; ".join(parts)
+            )
+        self.load_state_dict(state, strict=True)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors and the query tokenizer, atomically."""
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_directory(directory) as staging:
+            self.config.save(staging)
+            save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.text_tokenizer.save_pretrained(staging / TEXT_TOKENIZER_DIR)
+        return directory
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.token_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.token_head.weight.dtype
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_tokens
+
+    @property
+    def token_dim(self) -> int:
+        return self.config.token_dim
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        parts = {"vq": self.vq, "generator": self.generator, "decoder": self.decoder}
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # ------------------------------------------------------------------ inputs
+
+    def pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Preprocess any accepted image input to [B,3,S,S] in [0,1] on the model's device."""
+        return self.image_processor.to_tensor(images).to(self.device)
+
+    def tokenize_queries(self, queries: QueryInput, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Left-padded query ids and mask, or None when no image has a (non-empty) query."""
+        if queries is None:
+            return None
+        if isinstance(queries, str):
+            queries = [queries] * batch_size
+        queries = list(queries)
+        if len(queries) != batch_size:
+            raise ValueError(f"queries has {len(queries)} entries but the batch has {batch_size} images")
+        for index, query in enumerate(queries):
+            if query is not None and not isinstance(query, str):
+                raise TypeError(f"queries[{index}] must be a string or None, got {type(query).__name__}")
+        texts = [(q or "").strip() for q in queries]
+        if not any(texts):
+            return None
+        encoded = self.text_tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_query_tokens,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ the model
+
+    def forward(
+        self, pixels: torch.Tensor, query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training entry: pixels -> (all N tokens [B,N,D], EOS logits [B,N], target latent grid [B,C,g,g])."""
+        latents = self.vq.encode(pixels)
+        tokens, eos_logits = self.generator(latents, query_ids, query_mask)
+        return tokens, eos_logits, latents
+
+    def decode_latents(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens, attention_mask)
+
+    def encode(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        queries: QueryInput = None,
+        budget: BudgetInput = None,
+        threshold: float | None = None,
+    ) -> DoveEncoding:
+        """Tokenize a batch. Lengths come from the EOS head (`threshold`, default the config's) unless
+        `budget` forces them (an int for all images, or one per image)."""
+        pixels = self.pixels(images)
+        batch = pixels.shape[0]
+        forced = resolve_budget(budget, batch, self.max_tokens)
+        query = self.tokenize_queries(queries, batch)
+        tokens, eos_logits, _ = self(pixels, *(query or (None, None)))
+        eos_probs = torch.sigmoid(eos_logits.float())
+        if forced is not None:
+            lengths = forced.to(pixels.device)
+        else:
+            lengths = lengths_from_eos(
+                eos_probs, self.config.eos_threshold if threshold is None else threshold, self.config.min_tokens
+            )
+        attention_mask = mask_from_lengths(lengths, self.max_tokens)
+        tokens = tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return DoveEncoding(tokens=tokens, lengths=lengths, attention_mask=attention_mask, eos_probs=eos_probs)
+
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
+        """Tokens [B,L,D] (L <= N) and a length per image -> images [B,3,S,S] in [0,1]."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.token_dim:
+            raise ValueError(f"tokens must have shape [B, L, {self.token_dim}], got {tuple(tokens.shape)}")
+        batch, width, _ = tokens.shape
+        if width > self.max_tokens:
+            raise ValueError(f"tokens has {width} positions but the model decodes at most {self.max_tokens}")
+        if isinstance(lengths, torch.Tensor) and lengths.ndim == 1:
+            lengths = lengths.tolist()
+        forced = resolve_budget(lengths, batch, width)
+        mask = mask_from_lengths(forced.to(tokens.device), width)
+        latents = self.decode_latents(tokens.to(self.device), mask.to(self.device))
+        return self.vq.decode(latents).clamp(0, 1)
+
+    def reconstruct(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        budgets: Sequence[int] = (),
+        queries: QueryInput = None,
+        threshold: float | None = None,
+    ) -> Reconstruction:
+        """Reconstructions at each budget and at the automatic length, from one encoder pass: every
+        budget is a prefix of the same token sequence."""
+        pixels = self.pixels(images)
+        batch = pixels.shape[0]
+        full = self.encode(pixels, queries=queries, budget=self.max_tokens)
+        auto_lengths = lengths_from_eos(
+            full.eos_probs, self.config.eos_threshold if threshold is None else threshold, self.config.min_tokens
+        )
+        result = Reconstruction(inputs=pixels)
+        for budget in budgets:
+            resolve_budget(budget, batch, self.max_tokens)
+            result.by_budget[int(budget)] = self.decode(full.tokens, [int(budget)] * batch)
+        result.auto = self.decode(full.tokens, auto_lengths)
+        result.auto_lengths = auto_lengths
+        return result
+
+
+_GENERATOR_FIELDS = {
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "rotary_pct",
+    "rotary_emb_base",
+    "rope_parameters",
+    "layer_norm_eps",
+    "use_parallel_residual",
+    "attention_bias",
+    "hidden_dropout",
+    "attention_dropout",
+    "initializer_range",
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _component_dir(path_or_id: str | os.PathLike, subfolder: str | None, revision: str | None, marker: str) -> Path:
+    """A component may sit at the root of a local dir or in its subfolder (hub pipelines use `vqvae/`)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir() and (local / marker).is_file():
+        return local
+    return resolve_pretrained_dir(path_or_id, revision=revision, subfolder=subfolder or "")
