@@ -116,13 +116,20 @@ class DoveImageProcessor:
                 raise TypeError(f"{argument}[{index}] has unsupported type {type(item).__name__}")
         return torch.cat(tensors, dim=0)
 
-    def _from_pil(self, image: Image.Image) -> torch.Tensor:
-        width, height = image.size
+    def geometry(self, width: int, height: int) -> tuple[float, int, int, int, int]:
+        """How an image of `width` x `height` is resized then cropped: (scale, new_w, new_h, left, top).
+
+        A point (x, y) of the original lands at (x * new_w / width - left, y * new_h / height - top);
+        annotation boxes are mapped with the same numbers the pixels went through.
+        """
         scale = self.image_size / min(width, height)
-        new_size = (max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale)))
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-        left = (new_size[0] - self.image_size) // 2
-        top = (new_size[1] - self.image_size) // 2
+        new_w = max(self.image_size, round(width * scale))
+        new_h = max(self.image_size, round(height * scale))
+        return scale, new_w, new_h, (new_w - self.image_size) // 2, (new_h - self.image_size) // 2
+
+    def _from_pil(self, image: Image.Image) -> torch.Tensor:
+        _, new_w, new_h, left, top = self.geometry(*image.size)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
         array = np.asarray(image, dtype=np.float32) / 255.0
         return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
