@@ -157,12 +157,15 @@ def test_dataloader_workers_still_count_skips(corrupt_folder: Path):
 
 # --- Q-DOVE annotations -------------------------------------------------------------------------------
 
+
 def test_box_mask_follows_the_object_through_resize_and_crop(tmp_path: Path):
     # 128x64 -> shorter side 32: resized to 64x32, then 16 px cut from the left and right.
     box = [70, 10, 30, 30]
     _scene(128, 64, tuple(box)).save(tmp_path / "wide.png")
-    _write_json(tmp_path / "ann.json", [{"image_id": "wide", "question": "what is white?", "answer": "a box",
-                                         "bounding_box": [box]}])
+    _write_json(
+        tmp_path / "ann.json",
+        [{"image_id": "wide", "question": "what is white?", "answer": "a box", "bounding_box": [box]}],
+    )
     item = QueryAnnotationDataset(tmp_path / "ann.json", tmp_path, SIZE)[0]
     mask = item["relevance"][0].bool()
     bright = item["pixels"].mean(0) > 0.5
@@ -225,14 +228,27 @@ def test_image_ids_resolve_with_and_without_extension(tmp_path: Path):
         ({"image_id": "a", "question": 3, "bounding_box": []}, r"record 1, field 'question'"),
         ({"image_id": ["a"], "question": "q", "bounding_box": []}, r"record 1, field 'image_id'"),
         ({"image_id": "a", "question": "q", "bounding_box": "box"}, r"record 1, field 'bounding_box'"),
-        ({"image_id": "a", "question": "q", "bounding_box": [[1, 2, 3]]}, r"record 1, field 'bounding_box'\[0\]: .*4 numbers"),
+        (
+            {"image_id": "a", "question": "q", "bounding_box": [[1, 2, 3]]},
+            r"record 1, field 'bounding_box'\[0\]: .*4 numbers",
+        ),
         ({"image_id": "a", "question": "q", "bounding_box": [[1, 2, "3", 4]]}, r"record 1, field 'bounding_box'\[0\]"),
-        ({"image_id": "a", "question": "q", "bounding_box": [[0, 0, 5, 5], [1, 2, -3, 4]]},
-         r"record 1, field 'bounding_box'\[1\]: .*positive width and height"),
-        ({"image_id": "a", "question": "q", "bounding_box": [1, 2, 3, 4]}, r"record 1, field 'bounding_box'.*single box"),
-        ({"image_id": "a", "question": "q", "bounding_box": [[60, 0, 10, 10]]},
-         r"record 1, field 'bounding_box'\[0\]: .*outside the 64x48 image"),
-        ({"image_id": "missing", "question": "q", "bounding_box": []}, r"record 1, field 'image_id': no image 'missing'"),
+        (
+            {"image_id": "a", "question": "q", "bounding_box": [[0, 0, 5, 5], [1, 2, -3, 4]]},
+            r"record 1, field 'bounding_box'\[1\]: .*positive width and height",
+        ),
+        (
+            {"image_id": "a", "question": "q", "bounding_box": [1, 2, 3, 4]},
+            r"record 1, field 'bounding_box'.*single box",
+        ),
+        (
+            {"image_id": "a", "question": "q", "bounding_box": [[60, 0, 10, 10]]},
+            r"record 1, field 'bounding_box'\[0\]: .*outside the 64x48 image",
+        ),
+        (
+            {"image_id": "missing", "question": "q", "bounding_box": []},
+            r"record 1, field 'image_id': no image 'missing'",
+        ),
         ("just a string", r"record 1: must be a JSON object"),
     ],
 )
@@ -258,8 +274,10 @@ def test_malformed_json_names_the_file_and_position(tmp_path: Path):
 def test_corrupt_annotated_image_is_skipped_or_fatal(tmp_path: Path):
     _rgb().save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_text("nope")
-    records = [{"image_id": "broken", "question": "q", "bounding_box": [[0, 0, 4, 4]]},
-               {"image_id": "ok", "question": "q", "bounding_box": [[0, 0, 4, 4]]}]
+    records = [
+        {"image_id": "broken", "question": "q", "bounding_box": [[0, 0, 4, 4]]},
+        {"image_id": "ok", "question": "q", "bounding_box": [[0, 0, 4, 4]]},
+    ]
     path = _write_json(tmp_path / "ann.json", records)
     dataset = QueryAnnotationDataset(path, tmp_path, SIZE)
     batch = collate_examples([dataset[0], dataset[1]])
@@ -269,6 +287,7 @@ def test_corrupt_annotated_image_is_skipped_or_fatal(tmp_path: Path):
 
 
 # --- Hugging Face datasets ---------------------------------------------------------------------------
+
 
 def _hf_table(with_corrupt: bool = False):
     import datasets
@@ -317,8 +336,9 @@ def test_hf_dataset_saved_to_disk_loads(tmp_path: Path):
 
 def test_hf_parquet_and_corrupt_cells(tmp_path: Path):
     _hf_table(with_corrupt=True).to_parquet(str(tmp_path / "train.parquet"))
-    dataset = build_dataset(tmp_path / "train.parquet", image_size=SIZE, question_column="question",
-                            cache_dir=tmp_path / "cache")
+    dataset = build_dataset(
+        tmp_path / "train.parquet", image_size=SIZE, question_column="question", cache_dir=tmp_path / "cache"
+    )
     assert isinstance(dataset, HFImageDataset) and len(dataset) == 3
     batch = collate_examples([dataset[i] for i in range(3)])
     assert batch["skipped"] == 1 and batch["pixels"].shape[0] == 2
@@ -331,15 +351,19 @@ def test_hf_parquet_and_corrupt_cells(tmp_path: Path):
 def test_hf_bad_boxes_name_the_row(tmp_path: Path):
     import datasets
 
-    table = datasets.Dataset.from_dict({"image": [_rgb()], "boxes": [[[0.0, 0.0, -1.0, 4.0]]]},
-                                       features=datasets.Features(image=datasets.Image(),
-                                                                  boxes=datasets.Sequence(datasets.Sequence(datasets.Value("float32")))))
+    table = datasets.Dataset.from_dict(
+        {"image": [_rgb()], "boxes": [[[0.0, 0.0, -1.0, 4.0]]]},
+        features=datasets.Features(
+            image=datasets.Image(), boxes=datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
+        ),
+    )
     table.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(AnnotationError, match=r"row 0, column 'boxes'\[0\]: .*positive"):
         build_dataset(tmp_path / "ds", image_size=SIZE, boxes_column="boxes")
 
 
 # --- build_dataset --------------------------------------------------------------------------------------
+
 
 def test_build_dataset_picks_the_class_and_explains_missing_paths(tmp_path: Path, folder: Path):
     assert isinstance(build_dataset(folder, image_size=SIZE), ImageFolderDataset)
@@ -353,6 +377,7 @@ def test_build_dataset_picks_the_class_and_explains_missing_paths(tmp_path: Path
 
 
 # --- query dropout ------------------------------------------------------------------------------------
+
 
 def test_drop_queries_blanks_query_and_relevance_together():
     relevance = torch.zeros(64, 1, 4, 4)
@@ -369,6 +394,7 @@ def test_drop_queries_blanks_query_and_relevance_together():
 
 
 # --- the resumable sampler ----------------------------------------------------------------------------
+
 
 def test_sampler_order_is_a_fixed_function_of_seed_and_epoch():
     a, b = ResumableSampler(50, seed=3), ResumableSampler(50, seed=3)

@@ -61,13 +61,9 @@ def load_annotations(path: str | os.PathLike) -> list[QueryRecord]:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
-            raise AnnotationError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-            ) from err
+            raise AnnotationError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from err
         if not isinstance(raw, list):
-            raise AnnotationError(
-                f"{path}: the top level must be a JSON list of records, got a {type(raw).__name__}"
-            )
+            raise AnnotationError(f"{path}: the top level must be a JSON list of records, got a {type(raw).__name__}")
     if not raw:
         raise AnnotationError(f"{path}: holds no records")
     return [parse_record(item, index, str(path)) for index, item in enumerate(raw)]
@@ -149,9 +145,7 @@ def check_boxes_inside(boxes: tuple[Box, ...], width: int, height: int, where: s
             )
 
 
-def relevance_mask(
-    boxes: tuple[Box, ...], width: int, height: int, processor: DoveImageProcessor
-) -> torch.Tensor:
+def relevance_mask(boxes: tuple[Box, ...], width: int, height: int, processor: DoveImageProcessor) -> torch.Tensor:
     """The [1, S, S] float mask of the query-relevant region in the processed (resized + cropped) frame.
 
     Every output pixel a box touches counts as relevant: the resize smears an object's edge over
@@ -175,7 +169,7 @@ def relevance_mask(
                 continue
             c0, c1 = math.floor(x0 + eps), math.ceil(x1 - eps)
             r0, r1 = math.floor(y0 + eps), math.ceil(y1 - eps)
-            mask[:, r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)] = 1.0
+            mask[:, r0 : max(r1, r0 + 1), c0 : max(c1, c0 + 1)] = 1.0
     if not mask.any():
         mask.fill_(1.0)
     return mask

@@ -186,7 +186,9 @@ class QueryAnnotationDataset(_ExampleDataset):
         self.annotations_path = Path(annotations_path)
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
-            raise FileNotFoundError(f"image folder for annotations {self.annotations_path} not found: {self.image_root}")
+            raise FileNotFoundError(
+                f"image folder for annotations {self.annotations_path} not found: {self.image_root}"
+            )
         self.records: list[QueryRecord] = load_annotations(self.annotations_path)
         resolver = _ImageResolver(self.image_root)
         self.paths: list[Path] = []
@@ -404,22 +406,24 @@ def build_dataset(
     - any other folder: an image folder; with `annotations`, the image root of the Q-DOVE records.
     """
     text = str(data)
-    hf_kwargs = dict(
-        split=hf_split,
-        image_column=image_column,
-        question_column=question_column,
-        boxes_column=boxes_column,
-        image_size=image_size,
-        strict=strict,
-        config_name=hf_config,
-        cache_dir=cache_dir,
-        box_tolerance=box_tolerance,
-    )
+    hf_kwargs = {
+        "split": hf_split,
+        "image_column": image_column,
+        "question_column": question_column,
+        "boxes_column": boxes_column,
+        "image_size": image_size,
+        "strict": strict,
+        "config_name": hf_config,
+        "cache_dir": cache_dir,
+        "box_tolerance": box_tolerance,
+    }
     if text.startswith(HUB_PREFIX):
         if annotations is not None:
-            raise ValueError("annotations JSON needs an image folder as data, not a hub dataset; "
-                             "use question/boxes columns for Hugging Face data")
-        return HFImageDataset(text[len(HUB_PREFIX):], **hf_kwargs)
+            raise ValueError(
+                "annotations JSON needs an image folder as data, not a hub dataset; "
+                "use question/boxes columns for Hugging Face data"
+            )
+        return HFImageDataset(text[len(HUB_PREFIX) :], **hf_kwargs)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(
