@@ -7,6 +7,10 @@ from tokenizer import DoveTokenizer, available_presets
 
 def load_tokenizer(name_or_path: str) -> DoveTokenizer:
     """A preset name builds a randomly initialised model; anything else loads a checkpoint."""
-    if name_or_path in available_presets():
+    presets = available_presets()
+    if name_or_path in presets:
         return DoveTokenizer.from_preset(name_or_path)
-    return DoveTokenizer.from_pretrained(name_or_path)
+    try:
+        return DoveTokenizer.from_pretrained(name_or_path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}\n(not a preset either; known presets: {', '.join(presets)})") from err
