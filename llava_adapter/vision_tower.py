@@ -1,0 +1,191 @@
+"""`DoveVisionTower`: a DOVE / Q-DOVE tokenizer behind the interface LLaVA's vision towers expose.
+
+LLaVA code reads `hidden_size`, `num_patches`, `image_processor`, `dummy_feature`, `config`, `dtype`,
+`device`, calls `load_model()` and `forward(images)`. The one difference a caller must know: `forward`
+returns a *list* of `[L_i, hidden_size]` tensors, one per image, because every image keeps its own
+number of tokens (chosen by the EOS head, or forced by a budget). `num_patches` is the maximum length.
+
+Only the generator runs here (the decoder is for reconstruction, not for the LLM). The tokenizer is
+frozen by default; `trainable="eos_head"` or `"generator"` unfreezes that part. Those parameters belong
+to the tokenizer from construction on, so saving and reloading always carries them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer, available_presets
+from tokenizer.hub import resolve_pretrained_dir
+from tokenizer.length import lengths_from_eos, resolve_budget
+
+TRAINABLE_PARTS = ("none", "eos_head", "generator")
+
+
+class DoveVisionTower(nn.Module):
+    def __init__(
+        self,
+        tower_path_or_preset: str | os.PathLike | DoveTokenizer,
+        delay_load: bool = False,
+        trainable: str = "none",
+        use_query: bool = True,
+        threshold: float | None = None,
+        budget: int | None = None,
+    ) -> None:
+        """`tower_path_or_preset`: a preset name (random weights, for tests), a checkpoint dir, a hub id,
+        or a `DoveTokenizer` already in memory. `threshold` / `budget` are the defaults for `forward`."""
+        super().__init__()
+        if trainable not in TRAINABLE_PARTS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_PARTS}, got {trainable!r}")
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        self.trainable = trainable
+        self.use_query = use_query
+        self.threshold = threshold
+        self.budget = budget
+        self.is_loaded = False
+        self.last_lengths: torch.Tensor | None = None
+        self.last_eos_logits: torch.Tensor | None = None
+        if isinstance(tower_path_or_preset, DoveTokenizer):
+            self.vision_tower_name = tower_path_or_preset.config.preset or "in-memory"
+            self.cfg_only = tower_path_or_preset.config
+            self._attach(tower_path_or_preset)
+        else:
+            self.vision_tower_name = str(tower_path_or_preset)
+            self.cfg_only = _read_config(self.vision_tower_name)
+            if not delay_load:
+                self.load_model()
+        self.image_processor = (
+            self.tokenizer.image_processor if self.is_loaded else DoveImageProcessor(self.cfg_only.image_size)
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    def load_model(self, device_map: str | torch.device | None = None) -> None:
+        """Build (preset) or load (dir / hub id) the tokenizer; a second call does nothing."""
+        if self.is_loaded:
+            return
+        name = self.vision_tower_name
+        tokenizer = DoveTokenizer.from_preset(name) if name in available_presets() else DoveTokenizer.from_pretrained(name)
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            tokenizer = tokenizer.to(device_map)
+        self._attach(tokenizer)
+        self.image_processor = tokenizer.image_processor
+
+    def _attach(self, tokenizer: DoveTokenizer) -> None:
+        self.tokenizer = tokenizer
+        tokenizer.requires_grad_(False)
+        if self.trainable == "eos_head":
+            tokenizer.generator.eos_head.requires_grad_(True)
+        elif self.trainable == "generator":
+            tokenizer.generator.requires_grad_(True)
+        tokenizer.train(False)
+        self.is_loaded = True
+
+    def train(self, mode: bool = True) -> "DoveVisionTower":
+        """Frozen parts stay in eval mode whatever the surrounding model does."""
+        super().train(mode)
+        if self.is_loaded:
+            self.tokenizer.train(False)
+            if self.trainable == "generator":
+                self.tokenizer.generator.train(mode)
+        return self
+
+    # ------------------------------------------------------------------ LLaVA's tower members
+
+    @property
+    def config(self) -> DoveConfig:
+        return self.tokenizer.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.token_dim
+
+    @property
+    def num_patches(self) -> int:
+        """The most tokens an image can get."""
+        return self.config.max_tokens
+
+    @property
+    def num_patches_per_side(self) -> int:
+        """The side of the smallest square holding `num_patches` tokens (DOVE tokens have no grid)."""
+        return math.isqrt(self.num_patches - 1) + 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokenizer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokenizer.device
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def has_trainable_parameters(self) -> bool:
+        return self.trainable != "none"
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        queries: Sequence[str | None] | None = None,
+        budget: int | Sequence[int] | torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> list[torch.Tensor]:
+        """Pixels [B,3,S,S] in [0,1] (or a list of [3,S,S] / [1,3,S,S]) -> B tensors of [L_i, hidden_size].
+
+        `queries` (one per image, None for none) are ignored when the tower was built with
+        `use_query=False`. Lengths come from the EOS head unless `budget` (or the tower's default budget)
+        forces them. `last_lengths` keeps the lengths of the latest call.
+        """
+        if not self.is_loaded:
+            raise RuntimeError(f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first")
+        pixels = self._stack(images)
+        batch = pixels.shape[0]
+        budget = self.budget if budget is None else budget
+        forced = resolve_budget(budget, batch, self.num_patches)
+        query = self.tokenizer.tokenize_queries(list(queries), batch) if (self.use_query and queries is not None) else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.has_trainable_parameters):
+            tokens, eos_logits, _ = self.tokenizer(pixels, *(query or (None, None)))
+        if forced is not None:
+            lengths = forced.to(pixels.device)
+        else:
+            threshold = threshold if threshold is not None else self.threshold
+            threshold = self.config.eos_threshold if threshold is None else threshold
+            with torch.no_grad():
+                lengths = lengths_from_eos(torch.sigmoid(eos_logits.float()), threshold, self.config.min_tokens)
+        self.last_lengths = lengths.detach().cpu()
+        self.last_eos_logits = eos_logits
+        return [tokens[i, : int(n)] for i, n in enumerate(self.last_lengths)]
+
+    def _stack(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            pixels = images if images.ndim == 4 else images.unsqueeze(0)
+        elif isinstance(images, Sequence) and images and all(isinstance(i, torch.Tensor) for i in images):
+            pixels = torch.cat([i if i.ndim == 4 else i.unsqueeze(0) for i in images], dim=0)
+        else:
+            raise TypeError("images must be a tensor [B,3,S,S] or a non-empty list of image tensors")
+        size = self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"images must have shape [B, 3, {size}, {size}] (use tower.image_processor); got {tuple(pixels.shape)}"
+            )
+        return pixels.to(self.device)
+
+
+def _read_config(name: str) -> DoveConfig:
+    """The architecture without the weights, so `delay_load=True` can still answer `hidden_size` & co."""
+    if name in available_presets():
+        from tokenizer import preset_config
+
+        return preset_config(name)
+    return DoveConfig.load(Path(resolve_pretrained_dir(name)))
