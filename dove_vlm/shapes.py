@@ -471,7 +471,8 @@ scenes.json               per image: split, n_objects, laplacian_var (Laplacian 
 {{split}}/llava.json        LLaVA conversations, one per question; image paths are relative to images/
 {{split}}/vqa.parquet       question_id, image_id, image {{bytes, path}}, question, answer, question_type,
                           n_objects; the image column is tagged as a `datasets` Image feature
-Splits are by image: no test image appears in train.
+Splits are by image: no test image appears in train. A split with no images still gets its three
+files (empty lists, a parquet with the schema and no rows, which `datasets` declines to load).
 """
 
 

@@ -15,8 +15,8 @@ from scipy import ndimage
 
 from dove_vlm.cli import main
 from dove_vlm.shapes import (
-    COLOURS,
     COLOUR_JITTER,
+    COLOURS,
     QUESTION_TYPES,
     blind_baseline_accuracy,
     make_shapes,
@@ -26,8 +26,13 @@ from dove_vlm.shapes import (
 )
 
 SIZE = 64
-SHAPE_OF_PLURAL = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond",
-                   "crosses": "cross"}
+SHAPE_OF_PLURAL = {
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "diamonds": "diamond",
+    "crosses": "cross",
+}
 
 
 def _load(path: Path):
@@ -86,7 +91,7 @@ def _expected(question: str, objects: list[dict]) -> tuple[str, list[tuple]]:
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
-    kwargs = dict(n=25, image_size=48, progress=False)
+    kwargs = {"n": 25, "image_size": 48, "progress": False}
     first = _all_files(make_shapes(tmp_path / "a", seed=11, **kwargs).out_dir)
     second = _all_files(make_shapes(tmp_path / "b", seed=11, **kwargs).out_dir)
     assert list(first) == list(second)
@@ -289,8 +294,26 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):
 
 def test_cli_writes_the_dataset_and_maps_bad_arguments_to_exit_code_2(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["make-shapes", "--out", str(out), "--n", "10", "--seed", "3", "--image-size", "32",
-                 "--max-objects", "3", "--questions-per-image", "2", "--test-fraction", "0.3", "--no-progress"])
+    code = main(
+        [
+            "make-shapes",
+            "--out",
+            str(out),
+            "--n",
+            "10",
+            "--seed",
+            "3",
+            "--image-size",
+            "32",
+            "--max-objects",
+            "3",
+            "--questions-per-image",
+            "2",
+            "--test-fraction",
+            "0.3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "10 images (7 train, 3 test)" in capsys.readouterr().out
     scenes = _load(out / "scenes.json")
@@ -299,6 +322,8 @@ def test_cli_writes_the_dataset_and_maps_bad_arguments_to_exit_code_2(tmp_path, 
     assert len(_load(out / "train" / "annotations.json")) <= 7 * 2
     assert main(["make-shapes", "--out", str(tmp_path / "bad"), "--n", "5", "--seed", "0", "--image-size", "16"]) == 2
     assert "--image-size" in capsys.readouterr().err
-    assert main(["make-shapes", "--out", str(tmp_path / "bad"), "--n", "5", "--seed", "0",
-                 "--textured-fraction", "2"]) == 2
+    assert (
+        main(["make-shapes", "--out", str(tmp_path / "bad"), "--n", "5", "--seed", "0", "--textured-fraction", "2"])
+        == 2
+    )
     assert "--textured-fraction" in capsys.readouterr().err
