@@ -1,0 +1,585 @@
+"""The DOVE / Q-DOVE tokenizer training loop, on accelerate (one process, or DDP under `accelerate launch` / `torchrun`).
+
+One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per step):
+
+    pixels, query --model--> all N tokens, EOS logits, the VQ's latents of the input
+    predicted length = first EOS past the threshold (no gradient)
+    training length  = the predicted one or a uniform draw (`sample_training_lengths`), per sample
+    tokens[:L] --token decoder--> latent grid --VQ decoder--> reconstruction
+    loss = region-weighted MSE (+ LPIPS)                                   reconstruction, Q-DOVE-aware
+         + latent_weight * MSE(decoded latents, input latents)           optional
+         + codebook_weight * VQ codebook/commitment loss                 only while the VQ trains
+         + adversarial_weight * adaptive * hinge_g(D(reconstruction))   from `adversarial_start_step`
+         + length control (EOS earlier when the sample beat the running threshold, later when not)
+    then the discriminator takes its own hinge step on (input, reconstruction).
+
+The VQ stays in fp32 whatever `mixed_precision` says (`VQBackbone` refuses casts and turns autocast off);
+the generator and decoder run under autocast. Checkpoints (see `checkpointing`) resume exactly: weights,
+optimisers, schedules, discriminator, the length-control history, every RNG and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint
+from .data import build_dataset, collate_examples
+from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
+from .length import lengths_from_eos, mask_from_lengths
+from .length_control import LengthControl, sample_training_lengths
+from .losses import ReconstructionLoss, drop_queries, relevance_weights
+from .modeling import WEIGHTS_NAME, DoveTokenizer
+from .sampler import ResumableSampler
+from .training_config import ModelSpec, TrainConfig, TrainingSetup
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+METRICS_FILE = "metrics.jsonl"
+
+
+def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
+    """The model a run starts from: a preset, pretrained components, or an earlier checkpoint."""
+    if spec.init_from is not None:
+        return DoveTokenizer.from_pretrained(spec.init_from)
+    if spec.vq is not None or spec.generator is not None:
+        if spec.vq is None or spec.generator is None:
+            raise ValueError("model: pretrained initialisation needs both `vq` and `generator` (paths or hub ids)")
+        return DoveTokenizer.from_components(
+            spec.vq, spec.generator, text_tokenizer=spec.text_tokenizer, preset=spec.preset,
+            vq_subfolder=spec.vq_subfolder, **spec.overrides,
+        )  # fmt: skip
+    text_tokenizer = None
+    if spec.text_tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        from .hub import resolve_pretrained_dir
+
+        text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(spec.text_tokenizer))
+    return DoveTokenizer(spec.architecture(), text_tokenizer=text_tokenizer)
+
+
+class TrainingModel(nn.Module):
+    """The tokenizer's whole training forward as ONE module call, so DDP sees every parameter in one forward.
+
+    `choose_lengths(predicted) -> lengths` picks each sample's reconstruction length from the EOS
+    head's own prediction. The VQ's codebook/commitment loss (which `VQBackbone.encode` discards) is
+    caught with a forward hook on the quantiser.
+    """
+
+    def __init__(self, tokenizer: DoveTokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self._codebook_loss: torch.Tensor | None = None
+        tokenizer.vq.model.quantize.register_forward_hook(self._catch_codebook_loss)
+
+    def _catch_codebook_loss(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._codebook_loss = output[1]
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        query_ids: torch.Tensor | None,
+        query_mask: torch.Tensor | None,
+        choose_lengths: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        model = self.tokenizer
+        tokens, eos_logits, target_latents = model(pixels, query_ids, query_mask)
+        with torch.no_grad():
+            predicted = lengths_from_eos(torch.sigmoid(eos_logits.float()), model.config.eos_threshold, model.config.min_tokens)
+        lengths = choose_lengths(predicted).to(pixels.device)
+        mask = mask_from_lengths(lengths, model.max_tokens)
+        latents = model.decode_latents(tokens, mask)
+        recon = model.vq.decode(latents)
+        codebook = self._codebook_loss if self._codebook_loss is not None else recon.new_zeros(())
+        self._codebook_loss = None
+        return {
+            "recon": recon,
+            "latents": latents,
+            "target_latents": target_latents,
+            "eos_logits": eos_logits,
+            "lengths": lengths,
+            "predicted_lengths": predicted,
+            "codebook_loss": codebook,
+        }
+
+
+def parameter_groups(tokenizer: DoveTokenizer, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups VQ / generator / decoder, each with its learning rate. A frozen VQ gets no group at all.
+
+    Biases, norms and learned position/query tables skip weight decay (the usual transformer recipe).
+    """
+    parts = [("decoder", tokenizer.decoder, config.lr_decoder), ("generator", tokenizer.generator, config.lr_generator)]
+    if not config.freeze_vq:
+        parts.insert(0, ("vq", tokenizer.vq, config.lr_vq))
+    groups = []
+    for name, module, lr in parts:
+        decay, no_decay = [], []
+        for pname, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or pname.endswith(("_pos", "grid_queries")) else decay).append(param)
+        groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": config.weight_decay})
+        groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then a cosine down to `min_ratio` at `total_steps` (a multiplier on each group's lr)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def last_trainable_layer(tokenizer: DoveTokenizer) -> torch.Tensor:
+    """The weight the adaptive adversarial weight balances gradients at: the last layer before the pixels
+    that trains (the VQ decoder's output conv, or the token decoder's output projection when the VQ is frozen)."""
+    conv_out = tokenizer.vq.model.decoder.conv_out.weight
+    return conv_out if conv_out.requires_grad else tokenizer.decoder.latent_out.weight
+
+
+@dataclass
+class TrainingSummary:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    resumed_from: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped_images: int = 0
+
+
+class TokenizerTrainer:
+    """Sets up data, model, discriminator, optimisers and accelerate; `train()` runs to `max_steps`."""
+
+    def __init__(
+        self,
+        setup: TrainingSetup,
+        data: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        annotations: str | os.PathLike | None = None,
+        strict: bool = False,
+        resume: bool | str | os.PathLike = False,
+        dataset_kwargs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.setup = setup
+        self.config = config = setup.train
+        self.output_dir = Path(output_dir)
+        self.with_queries = annotations is not None or bool((dataset_kwargs or {}).get("question_column"))
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        tracker = None if config.tracker == "none" else config.tracker
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=tracker,
+            project_dir=str(self.output_dir / LOGS_DIR),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+        self.progress = progress and accelerator.is_local_main_process
+        set_seed(config.seed)  # the same initial weights on every process
+
+        tokenizer = build_tokenizer(setup.model)
+        if config.freeze_vq:
+            tokenizer.vq.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.dataset = build_dataset(
+            data, annotations, image_size=tokenizer.config.image_size, strict=strict, **(dataset_kwargs or {})
+        )
+        self.discriminator = PatchDiscriminator(
+            base_channels=config.discriminator_channels, n_layers=config.discriminator_layers
+        )
+        self.rec_loss = ReconstructionLoss(
+            mse_weight=config.mse_weight,
+            perceptual_weight=config.perceptual_weight,
+            perceptual=config.perceptual_weights,
+            region_lambda=config.region_lambda,
+        )
+        self.length_control = LengthControl(
+            history=config.length_history,
+            weight_start=config.length_weight_start,
+            weight_max=config.length_weight_max,
+            ramp_steps=config.length_ramp_steps,
+        )
+        betas = (config.adam_beta1, config.adam_beta2)
+        gen_optimizer = torch.optim.AdamW(parameter_groups(tokenizer, config), betas=betas)
+        disc_optimizer = torch.optim.AdamW(
+            self.discriminator.parameters(), lr=config.lr_discriminator, betas=(0.5, 0.9), weight_decay=0.0
+        )
+        schedule = partial(
+            warmup_cosine, warmup_steps=config.warmup_steps, total_steps=config.max_steps, min_ratio=config.min_lr_ratio
+        )
+        # Not passed through accelerator.prepare: its scheduler wrapper steps once per process per call.
+        self.gen_schedule = torch.optim.lr_scheduler.LambdaLR(gen_optimizer, schedule)
+        self.disc_schedule = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, schedule)
+        self.sampler = ResumableSampler(
+            len(self.dataset), seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_examples,
+            num_workers=config.num_workers,
+            persistent_workers=config.num_workers > 0,
+        )
+        # The loop's own randomness (query dropping, training lengths): one generator per process.
+        self.rng = torch.Generator().manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+        self.checkpoints = CheckpointManager(self.output_dir, keep=max(1, config.keep_checkpoints))
+        self.step = 0
+        self.skipped_images = 0
+        self.images_seen = 0
+        self.resumed_from: Path | None = None
+
+        checkpoint = self._find_checkpoint(resume)
+        if checkpoint is not None:  # weights before prepare(), so DDP broadcasts the restored ones
+            tokenizer.load_weights(checkpoint.model_dir / WEIGHTS_NAME)
+            if checkpoint.discriminator:
+                self.discriminator.load_state_dict(checkpoint.discriminator)
+
+        self.train_model, self.disc_model, self.gen_optimizer, self.disc_optimizer = accelerator.prepare(
+            TrainingModel(tokenizer), self.discriminator, gen_optimizer, disc_optimizer
+        )
+        self.rec_loss.to(accelerator.device)
+        self.last_layer = last_trainable_layer(tokenizer)
+        self.grid_pixels = self._grid_examples()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ------------------------------------------------------------------ resume
+
+    def _find_checkpoint(self, resume: bool | str | os.PathLike) -> TrainingCheckpoint | None:
+        if not resume:
+            return None
+        if resume is True or str(resume) == "latest":
+            path = self.checkpoints.latest()
+            if path is None:
+                if self.accelerator.is_main_process:
+                    logger.warning("--resume: no checkpoint under %s yet; starting from step 0", self.checkpoints.root)
+                return None
+        else:
+            path = Path(resume)
+        checkpoint = CheckpointManager.load(path)
+        self.resumed_from = path
+        return checkpoint
+
+    def _restore(self, checkpoint: TrainingCheckpoint) -> None:
+        state = checkpoint.state
+        optimizers = checkpoint.optimizers
+        self.gen_optimizer.load_state_dict(optimizers["generator"])
+        self.disc_optimizer.load_state_dict(optimizers["discriminator"])
+        self.gen_schedule.load_state_dict(optimizers["generator_schedule"])
+        self.disc_schedule.load_state_dict(optimizers["discriminator_schedule"])
+        scaler = self.accelerator.scaler
+        if scaler is not None and optimizers.get("scaler"):
+            scaler.load_state_dict(optimizers["scaler"])
+        self.length_control.load_state_dict(state["length_control"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = checkpoint.step
+        self.skipped_images = int(state.get("skipped_images", 0))
+        self.images_seen = int(state.get("images_seen", 0))
+        # Last: everything above may draw random numbers; the run continues from the saved streams.
+        rank = self.accelerator.process_index
+        checkpoint.rng[rank % len(checkpoint.rng)].restore({"loop": self.rng})
+        if self.accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", checkpoint.path, self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        accelerator = self.accelerator
+        rng = RNGState.capture({"loop": self.rng})
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object([rng])
+        else:
+            rng_states = [rng]
+        path = None
+        if accelerator.is_main_process:
+            optimizers = {
+                "generator": self.gen_optimizer.state_dict(),
+                "discriminator": self.disc_optimizer.state_dict(),
+                "generator_schedule": self.gen_schedule.state_dict(),
+                "discriminator_schedule": self.disc_schedule.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+            }
+            state = {
+                "sampler": self.sampler.state_dict(),
+                "length_control": self.length_control.state_dict(),
+                "skipped_images": self.skipped_images,
+                "images_seen": self.images_seen,
+                "world_size": accelerator.num_processes,
+                "setup": self.setup.to_dict(),
+            }
+            path = self.checkpoints.save(
+                self.step,
+                write_model=self.tokenizer.save_pretrained,
+                discriminator_state=accelerator.unwrap_model(self.disc_model).state_dict(),
+                optimizers=optimizers,
+                rng_states=rng_states,
+                state=state,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def _choose_lengths(self, predicted: torch.Tensor) -> torch.Tensor:
+        cfg = self.tokenizer.config
+        return sample_training_lengths(
+            predicted.cpu(), cfg.max_tokens, cfg.min_tokens, self.config.uniform_length_fraction, generator=self.rng
+        )
+
+    def _length_judgement(self, per_sample: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
+        """What length control compares with its threshold.
+
+        The reconstruction loss is a region-weighted MEAN (the right scale for gradients). Length control
+        instead asks how much error a sample leaves in what matters, so with `length_judged_by_area` the
+        mean is multiplied by the weighted area fraction: a question about one small object leaves little
+        to reconstruct and should stop early, however hard the object's own pixels are. Without queries
+        (or with every query dropped) the fraction is 1 and nothing changes.
+        """
+        if not self.config.length_judged_by_area or relevance is None:
+            return per_sample
+        shape = (per_sample.shape[0], 1, *relevance.shape[-2:])
+        area = relevance_weights(relevance, torch.Size(shape), self.config.region_lambda).mean(dim=(1, 2, 3))
+        return per_sample * area.to(per_sample.dtype)
+
+    def _micro_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        accelerator, config = self.accelerator, self.config
+        device = accelerator.device
+        pixels = batch["pixels"].to(device)
+        relevance = batch["relevance"].to(device)
+        queries = list(batch["queries"])
+        if self.with_queries:
+            queries, relevance = drop_queries(queries, relevance, config.query_drop_prob, generator=self.rng)
+        query = self.tokenizer.tokenize_queries(queries, pixels.shape[0])
+        query_ids, query_mask = query if query is not None else (None, None)
+        adversarial = config.adversarial_weight > 0 and self.step >= config.adversarial_start_step
+
+        with accelerator.accumulate(self.train_model, self.disc_model):
+            out = self.train_model(pixels, query_ids, query_mask, self._choose_lengths)
+            recon = out["recon"]
+            rec = self.rec_loss(recon, pixels, relevance)
+            total = rec.total
+            logs = {"loss/reconstruction": rec.total.item(), "loss/mse": rec.mse.item()}
+            if self.rec_loss.perceptual is not None:
+                logs["loss/perceptual"] = rec.perceptual.item()
+            if config.latent_weight > 0:
+                latent = F.mse_loss(out["latents"].float(), out["target_latents"].detach().float())
+                total = total + config.latent_weight * latent
+                logs["loss/latent"] = latent.item()
+            if config.codebook_weight > 0 and not config.freeze_vq:
+                total = total + config.codebook_weight * out["codebook_loss"]
+                logs["loss/codebook"] = float(out["codebook_loss"].item())
+            if adversarial:
+                disc = accelerator.unwrap_model(self.disc_model)
+                frozen = {name: p.detach() for name, p in disc.named_parameters()}
+                with accelerator.autocast():
+                    fake_logits = torch.func.functional_call(disc, frozen, (recon,))
+                g_loss = hinge_g_loss(fake_logits)
+                weight = torch.tensor(1.0, device=device)
+                if config.adaptive_adversarial_weight:
+                    weight = adaptive_adversarial_weight(rec.total, g_loss, self.last_layer)
+                total = total + config.adversarial_weight * weight * g_loss
+                logs["loss/generator_adversarial"] = g_loss.item()
+                logs["adversarial/adaptive_weight"] = weight.item()
+            judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
+            length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
+            total = total + length_loss
+            logs["loss/length"] = length_loss.item()
+            logs["loss/total"] = total.item()
+
+            accelerator.backward(total)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(self.train_model.parameters(), config.max_grad_norm)
+                logs["grad_norm/generator"] = float(norm)
+            self.gen_optimizer.step()
+            self.gen_optimizer.zero_grad(set_to_none=True)
+
+            if adversarial:
+                with accelerator.autocast():
+                    logits = self.disc_model(torch.cat([pixels, recon.detach().clamp(0, 1)]))
+                real_logits, fake_logits = logits.chunk(2)
+                d_loss = hinge_d_loss(real_logits, fake_logits)
+                accelerator.backward(d_loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.disc_model.parameters(), config.max_grad_norm)
+                self.disc_optimizer.step()
+                self.disc_optimizer.zero_grad(set_to_none=True)
+                logs["loss/discriminator"] = d_loss.item()
+
+        # tau must be the same on every process: record the all-reduced batch mean.
+        batch_mean = accelerator.reduce(judged.detach().mean(), reduction="mean")
+        self.length_control.update(batch_mean)
+        logs["length/threshold"] = float(self.length_control.threshold)
+        logs["length/predicted_mean"] = out["predicted_lengths"].float().mean().item()
+        logs["length/trained_mean"] = out["lengths"].float().mean().item()
+        return logs
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainingSummary:
+        accelerator, config = self.accelerator, self.config
+        if config.tracker != "none":
+            accelerator.init_trackers(config.tracker_project, config=_scalar_config(self.setup))
+        metrics_path = self.output_dir / LOGS_DIR / METRICS_FILE
+        if accelerator.is_main_process:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=config.max_steps, initial=self.step, desc="train-tokenizer", disable=not self.progress)
+        self.train_model.train()
+        self.disc_model.train()
+        micro = 0
+        started = time.perf_counter()
+        images_at_start = self.images_seen
+        epoch = self.sampler.epoch
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\).*optimizer.step\\(\\).*")
+            while self.step < config.max_steps:
+                self.sampler.set_epoch(epoch)
+                for batch in self.loader:
+                    self.sampler.advance(batch["consumed"])
+                    self.skipped_images += batch["skipped"]
+                    if not self._all_processes_have_images(batch):
+                        continue
+                    logs = self._micro_step(batch)
+                    self.images_seen += batch["pixels"].shape[0] * accelerator.num_processes
+                    micro += 1
+                    if micro % config.gradient_accumulation_steps:
+                        continue
+                    self.gen_schedule.step()
+                    self.disc_schedule.step()
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                        elapsed = max(time.perf_counter() - started, 1e-9)
+                        logs["lr/generator"] = self.gen_schedule.get_last_lr()[0]
+                        logs["data/skipped_images"] = float(self._total_skipped())
+                        logs["throughput/images_per_s"] = (self.images_seen - images_at_start) / elapsed
+                        self._log(logs, metrics_path, history)
+                        bar.set_postfix(rec=f"{logs['loss/reconstruction']:.4f}", len=f"{logs['length/predicted_mean']:.1f}")
+                    if config.grid_every and self.step % config.grid_every == 0:
+                        self.save_grid()
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.step >= config.max_steps:
+                        break
+                else:
+                    epoch += 1
+        bar.close()
+        if not config.checkpoint_every or self.step % config.checkpoint_every:
+            self.save_checkpoint()
+        final = self.output_dir / FINAL_DIR
+        if accelerator.is_main_process:
+            self.tokenizer.save_pretrained(final)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainingSummary(
+            output_dir=self.output_dir,
+            final_dir=final,
+            steps=self.step,
+            resumed_from=self.resumed_from,
+            history=history,
+            skipped_images=self._total_skipped(),
+        )
+
+    def _all_processes_have_images(self, batch: dict[str, Any]) -> bool:
+        """A batch whose every image was corrupt is skipped, by all processes together (one alone would hang DDP)."""
+        has = torch.tensor([1.0 if batch["pixels"].shape[0] > 0 else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            has = self.accelerator.reduce(has, reduction="sum") / self.accelerator.num_processes
+        return bool(has.item() == 1.0)
+
+    def _total_skipped(self) -> int:
+        count = torch.tensor([float(self.skipped_images)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return int(count.item())
+
+    def _log(self, logs: dict[str, float], metrics_path: Path, history: list[dict[str, float]]) -> None:
+        record = {"step": self.step, **logs}
+        history.append(record)
+        if self.config.tracker != "none":
+            self.accelerator.log(logs, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ pictures
+
+    def _grid_examples(self) -> torch.Tensor | None:
+        if not self.config.grid_every or not self.config.grid_images:
+            return None
+        images = []
+        for index in range(len(self.dataset)):
+            item = self.dataset[index]
+            if isinstance(item, dict):
+                images.append(item["pixels"])
+            if len(images) == self.config.grid_images:
+                break
+        return torch.stack(images) if images else None
+
+    def save_grid(self) -> Path | None:
+        """Inputs and reconstructions of fixed examples at `grid_budgets` and the automatic length. Draws no
+        random numbers, so writing grids never changes the run."""
+        if self.grid_pixels is None or not self.accelerator.is_main_process:
+            return None
+        from .visualize import save_reconstruction_grid
+
+        budgets = sorted({b for b in self.config.grid_budgets if b <= self.tokenizer.max_tokens})
+        was_training = self.tokenizer.training
+        self.tokenizer.eval()
+        with torch.no_grad():
+            result = self.tokenizer.reconstruct(self.grid_pixels.to(self.accelerator.device), budgets=budgets)
+        self.tokenizer.train(was_training)
+        return save_reconstruction_grid(result, self.output_dir / SAMPLES_DIR / f"step-{self.step:08d}.png")
+
+
+def _scalar_config(setup: TrainingSetup) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars only: flatten and stringify the rest."""
+    flat: dict[str, Any] = {}
+    for section, values in setup.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train_tokenizer(
+    setup: TrainingSetup,
+    data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    annotations: str | os.PathLike | None = None,
+    strict: bool = False,
+    resume: bool | str | os.PathLike = False,
+    dataset_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainingSummary:
+    """Train (or resume) a tokenizer; the result is exported to `output_dir/final` with `save_pretrained`."""
+    trainer = TokenizerTrainer(
+        setup, data, output_dir, annotations=annotations, strict=strict, resume=resume,
+        dataset_kwargs=dataset_kwargs, progress=progress,
+    )  # fmt: skip
+    return trainer.train()
