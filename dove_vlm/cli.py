@@ -1,5 +1,6 @@
 """The `dove-vlm` command. Each sub-command lives in `dove_vlm/commands/<name>.py` and exposes
-`register(subparsers)`; modules are discovered, so adding a command touches no shared file."""
+`register(subparsers)`; modules are discovered, so adding a command touches no shared file.
+Command modules import torch and friends inside their handlers, so `--help` and light commands start fast."""
 
 from __future__ import annotations
 

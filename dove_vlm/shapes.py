@@ -100,6 +100,10 @@ PARQUET_SCHEMA = pa.schema(
 
 Box = tuple[int, int, int, int]  # x, y, w, h in image pixels
 
+# The suffix LLaVA-1.5 trains short VQA answers with and lmms-eval's VQA tasks append: training and
+# evaluation prompts must read the same.
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+
 
 class ShapesArgumentError(ValueError):
     """A bad generator argument; `argument` is its Python name, so the CLI can name its flag instead."""
@@ -563,7 +567,7 @@ def make_shapes(
                         "id": question_id,
                         "image": f"{image_id}.png",
                         "conversations": [
-                            {"from": "human", "value": f"<image>\n{q.question}"},
+                            {"from": "human", "value": f"<image>\n{q.question}\n{SHORT_ANSWER_PROMPT}"},
                             {"from": "gpt", "value": q.answer},
                         ],
                     }

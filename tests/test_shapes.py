@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from dove_vlm.cli import main
 from dove_vlm.shapes import (
+    SHORT_ANSWER_PROMPT,
     COLOUR_JITTER,
     COLOURS,
     QUESTION_TYPES,
@@ -173,7 +174,7 @@ def test_llava_json_mirrors_the_annotations(dataset):
         for sample, record in zip(samples, records):
             human, gpt = sample["conversations"]
             assert human["from"] == "human" and gpt["from"] == "gpt"
-            assert human["value"] == f"<image>\n{record['question']}"
+            assert human["value"] == f"<image>\n{record['question']}\n{SHORT_ANSWER_PROMPT}"
             assert gpt["value"] == record["answer"]
             assert sample["image"] == f"{record['image_id']}.png"
             assert (out / "images" / sample["image"]).is_file()

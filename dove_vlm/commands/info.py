@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..loading import load_tokenizer
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="print a tokenizer's config and parameter counts")
@@ -15,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..loading import load_tokenizer
+
     model = load_tokenizer(args.checkpoint)
     config = model.config
     print(json.dumps(config.to_dict(), indent=2, sort_keys=True))

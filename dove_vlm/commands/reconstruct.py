@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..loading import load_tokenizer
 from ._args import int_list
 
 
@@ -23,7 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from tokenizer.visualize import save_reconstruction_grid
+
+    from ..loading import load_tokenizer
 
     model = load_tokenizer(args.checkpoint).to(args.device).eval()
     for budget in args.budgets:
