@@ -354,7 +354,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         sample_ids: Sequence[Any] | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any | None = None,
+        cache: Any | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> DoveLlavaOutput:
@@ -371,11 +371,11 @@ class DoveLlavaForCausalLM(PreTrainedModel):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 labels=labels,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
-            return DoveLlavaOutput(**{k: getattr(out, k, None) for k in ("loss", "logits", "past_key_values", "hidden_states", "attentions")})
+            return DoveLlavaOutput(**{k: getattr(out, k, None) for k in ("loss", "logits", "cache", "hidden_states", "attentions")})
         if input_ids is None:
             raise ValueError("forward needs input_ids (or inputs_embeds)")
         batch = self.prepare_multimodal_inputs(
@@ -401,7 +401,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         return DoveLlavaOutput(
             loss=out.loss,
             logits=out.logits,
-            past_key_values=getattr(out, "past_key_values", None),
+            cache=getattr(out, "cache", None),
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             labels=batch.labels,
