@@ -1,0 +1,404 @@
+"""LLaVA's two-stage recipe for a DOVE VLM, on the Hugging Face Trainer (optionally under DeepSpeed).
+
+Stage 1 (alignment): everything frozen but the projector; the `plain` template (the image, then the
+answer). Stage 2 (instruction tuning): LoRA adapters on the LLM's linear layers, or the whole LLM,
+plus the projector at its own learning rate; the LLM's chat template (or `vicuna_v1`). The tower's own
+trainable part (`tower_trainable`) joins stage 2.
+
+DeepSpeed: pass a ZeRO config (`scripts/zero2.json`, `zero3.json`, `zero3_offload.json`); the Trainer
+fills its "auto" fields. Launch with `deepspeed` or `torchrun` (see `scripts/finetune_*.sh`), or as a
+plain process for a single device. `bf16` under DeepSpeed runs as DeepSpeed's torch autocast rather
+than its bf16 mode: the bf16 mode casts every parameter directly, bypassing the guard that keeps the
+VQ encoder in fp32, whereas autocast leaves parameters in fp32 and the VQ switches autocast off.
+
+The model is built before the DeepSpeed config is handed to `transformers`, so ZeRO-3 partitions it when
+the engine starts rather than while the LLM loads (`zero.Init`); each process holds the full model once
+during loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from tokenizer.hub import resolve_pretrained_dir
+
+from .conversation import add_image_token
+from .data import LlavaCollator, LlavaConversationDataset, pad_token_id
+from .inference import load_llm_tokenizer
+from .lora import apply_lora, is_lora_wrapped, merge_lora
+from .modeling import DoveLlavaForCausalLM
+from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded_lengths
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "finetune_log.json"
+STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"
+DEFAULT_LEARNING_RATES = {(1, False): 1e-3, (2, True): 2e-4, (2, False): 2e-5}
+
+
+@dataclass
+class FinetuneArguments:
+    """Everything one stage needs. Either `model` (a saved VLM, e.g. stage 1's output) or `llm` and
+    `tower` (plus `pretrained_projector` to start stage 2 from a projector file) name the starting point."""
+
+    stage: int
+    data: str
+    output_dir: str
+    image_folder: str | None = None
+    model: str | None = None
+    llm: str | None = None
+    tower: str | None = None
+    tokenizer: str | None = None
+    projector_type: str = "mlp2x_gelu"
+    pretrained_projector: str | None = None
+    template: str | None = None
+    use_query: bool = True
+    tower_trainable: str = "none"
+    threshold: float | None = None
+    budget: int | None = None
+    model_max_length: int | None = None
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    learning_rate: float | None = None
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    deepspeed: str | None = None
+    group_by_visual_length: bool = True
+    visual_length_cache: str | None = None
+    visual_length_batch_size: int = 32
+    dataloader_num_workers: int = 0
+    save_steps: int | None = None
+    save_total_limit: int | None = 1
+    logging_steps: int = 1
+    seed: int = 0
+    report_to: list[str] = field(default_factory=list)
+    save_llm: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        if self.stage == 1 and self.lora:
+            raise ValueError("stage 1 trains the projector only; LoRA belongs to stage 2")
+        if self.model is None and (self.llm is None or self.tower is None):
+            raise ValueError("name a saved model (--model) or both an LLM (--llm) and a tower (--tower)")
+        if self.model is not None and (self.llm is not None or self.tower is not None):
+            raise ValueError("--model already holds the LLM and the tower; do not combine it with --llm/--tower")
+        if self.model is not None and self.pretrained_projector is not None:
+            raise ValueError("--pretrained-projector applies when building from --llm/--tower, not with --model")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[(self.stage, self.lora or self.stage == 1)]
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    losses: list[float]
+    model: DoveLlavaForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    visual_length_cache: Path | None
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTrainedTokenizerBase]:
+    """The starting model and its LLM tokenizer (which learns `<image>` if it did not know it)."""
+    dtype = torch.bfloat16 if args.bf16 and not args.deepspeed and torch.cuda.is_available() else torch.float32
+    if args.model is not None:
+        directory = resolve_pretrained_dir(args.model)
+        model = DoveLlavaForCausalLM.from_pretrained(directory, dtype=dtype, is_trainable=True)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(resolve_pretrained_dir(args.tokenizer))
+            if args.tokenizer
+            else load_llm_tokenizer(directory, model)
+        )
+        image_id = add_image_token(tokenizer)
+        if image_id != model.config.image_token_id:
+            raise ValueError(
+                f"the tokenizer maps <image> to {image_id} but {args.model} was trained with id "
+                f"{model.config.image_token_id}; use the tokenizer saved with the model"
+            )
+        if args.model_max_length is not None:
+            model.config.model_max_length = args.model_max_length
+        return model, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(args.tokenizer or args.llm))
+    add_image_token(tokenizer)
+    model = DoveLlavaForCausalLM.from_components(
+        args.llm,
+        args.tower,
+        projector_type=args.projector_type,
+        tokenizer=tokenizer,
+        tower_trainable=args.tower_trainable,
+        use_query=args.use_query,
+        threshold=args.threshold,
+        budget=args.budget,
+        model_max_length=args.model_max_length,
+        conversation_template=args.template if args.template and args.stage == 2 else "auto",
+        pretrained_projector=args.pretrained_projector,
+        dtype=dtype,
+    )
+    return model, tokenizer
+
+
+def configure_trainable(model: DoveLlavaForCausalLM, args: FinetuneArguments) -> DoveLlavaForCausalLM:
+    """Freeze and unfreeze by stage; wrap the LLM in LoRA for a LoRA stage 2."""
+    if is_lora_wrapped(model.llm) and (args.stage == 1 or not args.lora):
+        merge_lora(model)  # an adapter from an earlier run becomes part of the weights being trained on
+    model.llm.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    if args.stage == 1:
+        model.vision_tower.requires_grad_(False)
+    elif args.lora:
+        if not is_lora_wrapped(model.llm):
+            model.llm = apply_lora(
+                model.llm, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules,
+            )
+        else:  # continuing an adapter loaded with the model
+            for name, param in model.llm.named_parameters():
+                param.requires_grad_("lora_" in name)
+    else:
+        model.llm.requires_grad_(True)
+    if args.gradient_checkpointing:
+        base = model.llm.get_base_model() if is_lora_wrapped(model.llm) else model.llm
+        # Non-reentrant checkpointing keeps gradients flowing to adapters even though the (frozen)
+        # embeddings that feed the first block do not require grad.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    return model
+
+
+def trainable_parameter_groups(
+    model: DoveLlavaForCausalLM, learning_rate: float, projector_lr: float | None, weight_decay: float
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the projector at `projector_lr` (when given), the rest at `learning_rate`;
+    no weight decay on biases and norms."""
+
+    def decays(name: str, param: nn.Parameter) -> bool:
+        lowered = name.lower()
+        return param.ndim >= 2 and "norm" not in lowered and not lowered.endswith("bias")
+
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_projector = name.startswith("mm_projector.")
+        groups.setdefault((is_projector, decays(name, param)), []).append(param)
+    result = []
+    for (is_projector, decay), params in sorted(groups.items()):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if is_projector and projector_lr is not None:
+            group["lr"] = projector_lr
+        result.append(group)
+    if not result:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return result
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class DoveLlavaTrainer(Trainer):
+    """The HF Trainer with three changes: the visual-length-grouped sampler, the projector's own
+    learning rate, and saving through `DoveLlavaForCausalLM.save_pretrained` (tower, projector, adapter)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        sample_lengths: Sequence[int] | None = None,
+        projector_lr: float | None = None,
+        save_llm: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_lengths = list(sample_lengths) if sample_lengths is not None else None
+        self.projector_lr = projector_lr
+        self.save_llm = save_llm
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if self.sample_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return VisualLengthGroupedSampler(
+            self.sample_lengths,
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = trainable_parameter_groups(
+                opt_model, self.args.learning_rate, self.projector_lr, self.args.weight_decay
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(
+            output_dir, state_dict=state_dict, tokenizer=self.processing_class, save_llm=self.save_llm
+        )
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config; with `bf16`, its bf16 mode becomes bf16 torch autocast (see module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+    if bf16:
+        config["bf16"] = {"enabled": False}
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if "optimizer" in config:
+        logger.warning(
+            "%s defines its own optimizer: DeepSpeed builds it over all trainable parameters at one learning "
+            "rate, so --projector-lr does not apply", path
+        )
+    return config
+
+
+def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    ds_config = deepspeed_config(args.deepspeed, args.bf16) if args.deepspeed else None
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        # Under DeepSpeed, bf16 is autocast configured in the DeepSpeed config itself.
+        bf16=args.bf16 and ds_config is None,
+        use_cpu=not on_gpu,
+        deepspeed=ds_config,
+        gradient_checkpointing=False,  # enabled on the LLM alone in `configure_trainable`
+        remove_unused_columns=False,
+        dataloader_num_workers=args.dataloader_num_workers,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=args.report_to or "none",
+        disable_tqdm=True,
+    )
+
+
+def finetune(args: FinetuneArguments) -> FinetuneResult:
+    """Run one stage and save the model (config, tower, projector, LLM or adapter, tokenizer) to `output_dir`."""
+    # A DeepSpeed config left active by an earlier run in this process would make `from_pretrained`
+    # partition the LLM while it loads (ZeRO-3); this stage builds its model unpartitioned (module doc).
+    unset_hf_deepspeed_config()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args)
+    configure_trainable(model, args)
+    template = args.template or STAGE_TEMPLATES[args.stage] or model.config.conversation_template or "auto"
+    dataset = LlavaConversationDataset(
+        args.data,
+        tokenizer,
+        model.vision_tower.image_processor,
+        image_folder=args.image_folder,
+        template=template,
+        use_query=model.config.use_query,
+    )
+    training_args = build_training_arguments(args)
+
+    lengths = None
+    cache_path = None
+    if args.group_by_visual_length:
+        with training_args.main_process_first(local=False, desc="visual lengths"):
+            visual, cache_path, hit = cached_visual_lengths(
+                model.vision_tower,
+                dataset,
+                cache_dir=args.visual_length_cache,
+                batch_size=args.visual_length_batch_size,
+                num_workers=args.dataloader_num_workers,
+            )
+        logger.info("visual lengths %s %s", "read from" if hit else "written to", cache_path)
+        lengths = expanded_lengths(dataset.text_length_estimates(), visual)
+
+    save_llm = args.save_llm
+    if save_llm is None:  # skip rewriting a frozen LLM that can be reloaded from where it came from
+        llm_trained = args.stage == 2 and not args.lora
+        save_llm = llm_trained or not model.config.llm_source
+    counts = count_parameters(model)
+    logger.info("stage %d: %d of %d parameters trainable", args.stage, counts["trainable"], counts["total"])
+
+    trainer = DoveLlavaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(pad_token_id(tokenizer)),
+        processing_class=tokenizer,
+        sample_lengths=lengths,
+        projector_lr=args.projector_lr if args.stage == 2 else None,
+        save_llm=save_llm,
+    )
+    try:
+        trainer.train()
+        if args.stage == 2:
+            model.config.conversation_template = template  # what generation should reproduce
+        trainer.save_model(args.output_dir)
+    finally:
+        unset_hf_deepspeed_config()
+    losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    if trainer.is_world_process_zero():
+        record = {
+            "arguments": asdict(args),
+            "template": template,
+            "parameters": counts,
+            "losses": losses,
+            "visual_length_cache": str(cache_path) if cache_path else None,
+            "log_history": trainer.state.log_history,
+        }
+        Path(args.output_dir, LOG_FILE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    if any(not math.isfinite(loss) for loss in losses):
+        raise FloatingPointError(f"training produced a non-finite loss: {losses}")
+    return FinetuneResult(Path(args.output_dir), losses, model, tokenizer, cache_path)
