@@ -143,7 +143,9 @@ def tokenize_conversation(
     _check_placeholders(turns, num_images, name)
     template = resolve_template(tokenizer, template)
     if template == "plain" and len(turns) != 2:
-        raise ConversationError(f"{name}: the 'plain' template takes one question and one answer, got {len(turns)} turns")
+        raise ConversationError(
+            f"{name}: the 'plain' template takes one question and one answer, got {len(turns)} turns"
+        )
     text, spans = render_conversation(turns, tokenizer, template)
     input_ids, labels = _tokenize_with_spans(text, spans, tokenizer, add_special_tokens=template != "chat_template")
     if all(label == IGNORE_INDEX for label in labels):

@@ -163,7 +163,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         conversation_template: str = "auto",
         pretrained_projector: str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "DoveLlavaForCausalLM":
+    ) -> DoveLlavaForCausalLM:
         """A new VLM from an LLM (model, dir or hub id) and a tower (tower, tokenizer, dir, hub id or preset).
 
         The projector is new unless `pretrained_projector` names a file of `mm_projector.*` tensors. The
@@ -280,7 +280,8 @@ class DoveLlavaForCausalLM(PreTrainedModel):
             raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
         image_token_id = self.config.image_token_id
         real = attention_mask.bool()
-        is_image = (input_ids == image_token_id) & real
+        placeholder = input_ids == image_token_id
+        is_image = placeholder & real
         counts = is_image.sum(dim=1).tolist()
         images, queries, budget = _select_images(images, image_sample_mask, queries, budget, batch_size)
         _check_image_count(counts, 0 if images is None else len(images), names)
@@ -292,7 +293,8 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         self.last_visual_lengths = visual_lengths
 
         embed = self.get_input_embeddings()
-        text_embeds = embed(input_ids.masked_fill(is_image, 0))
+        # Placeholder ids are never looked up, so `<image>` may lie outside the LLM's vocabulary (or be negative).
+        text_embeds = embed(input_ids.masked_fill(placeholder, 0))
         max_length = self.max_length
         rows: list[torch.Tensor] = []
         row_labels: list[torch.Tensor] = []
@@ -375,7 +377,9 @@ class DoveLlavaForCausalLM(PreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
-            return DoveLlavaOutput(**{k: getattr(out, k, None) for k in ("loss", "logits", "cache", "hidden_states", "attentions")})
+            return DoveLlavaOutput(
+                **{k: getattr(out, k, None) for k in ("loss", "logits", "cache", "hidden_states", "attentions")}
+            )
         if input_ids is None:
             raise ValueError("forward needs input_ids (or inputs_embeds)")
         batch = self.prepare_multimodal_inputs(
@@ -470,6 +474,9 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         self.config.llm_config = base.config.to_dict()
         self.config.tower_config = self.vision_tower.config.to_dict()
         self.config.hidden_size = _llm_hidden_size(base)
+        tower = self.vision_tower
+        self.config.tower_trainable, self.config.use_query = tower.trainable, tower.use_query
+        self.config.eos_threshold, self.config.token_budget = tower.threshold, tower.budget
         self.config.save_pretrained(directory)
 
         _save_tower(self.vision_tower.tokenizer, directory / TOWER_DIR, parts[_TOWER_PREFIX])
@@ -501,10 +508,11 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         device_map: str | torch.device | None = None,
         is_trainable: bool = False,
         **kwargs: Any,
-    ) -> "DoveLlavaForCausalLM":
+    ) -> DoveLlavaForCausalLM:
         """Load a directory (or hub id) written by `save_pretrained`, LoRA adapter included when present.
 
-        `is_trainable` keeps a loaded LoRA adapter trainable (to continue fine-tuning).
+        `is_trainable` keeps a loaded LoRA adapter trainable (to continue fine-tuning); `attn_implementation`
+        is passed to the LLM's loader.
         """
         directory = resolve_pretrained_dir(pretrained_model_name_or_path)
         config = DoveLlavaConfig.from_pretrained(directory)
@@ -520,7 +528,8 @@ class DoveLlavaForCausalLM(PreTrainedModel):
             if not config.llm_source:
                 raise FileNotFoundError(f"{directory} holds no {LLM_DIR}/ and its config records no llm_source")
             llm_dir = resolve_pretrained_dir(config.llm_source)
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32)
+        llm_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation",) if k in kwargs}
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32, **llm_kwargs)
         model = cls(config, llm=llm, vision_tower=tower)
         load_projector_weights(model.mm_projector, directory / PROJECTOR_FILE)
         model.mm_projector.to(dtype=model.get_input_embeddings().weight.dtype)
@@ -543,7 +552,10 @@ def register_auto_classes() -> None:
 
 
 def _llm_hidden_size(llm: PreTrainedModel) -> int:
-    return int(llm.get_input_embeddings().weight.shape[-1])
+    """The LLM's embedding width, read from the module attribute (a ZeRO-3 partitioned weight has shape [0])."""
+    embeddings = llm.get_input_embeddings()
+    width = getattr(embeddings, "embedding_dim", None)
+    return int(width if width is not None else embeddings.weight.shape[-1])
 
 
 def _image_token_id(tokenizer: Any) -> int:
@@ -635,7 +647,7 @@ def _base_weights(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, value in peft_state.items():
         if "lora_" in key or ".modules_to_save." in key:
             continue
-        key = key[len(prefix) :] if key.startswith(prefix) else key
+        key = key.removeprefix(prefix)
         key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
         clean[key] = value
     return clean

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
@@ -89,19 +88,19 @@ def build_tiny_llm(
     A larger `init_std` makes an untrained model's outputs depend visibly on its inputs, which tests of
     batching need (at 0.02 every prompt yields nearly the same next-token distribution).
     """
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=init_std,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": max_positions,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+        "initializer_range": init_std,
+    }
     if arch == "llama":
         config = LlamaConfig(num_key_value_heads=max(1, heads // 2), **common)
     elif arch == "gpt_neox":
@@ -116,7 +115,7 @@ def build_tiny_llm(
 
 
 def calibrate_eos_head(
-    tokenizer: "DoveTokenizer",
+    tokenizer: DoveTokenizer,
     images: torch.Tensor,
     queries: list[str | None] | None = None,
     mean_length: float | None = None,

@@ -71,7 +71,9 @@ class DoveVisionTower(nn.Module):
         if self.is_loaded:
             return
         name = self.vision_tower_name
-        tokenizer = DoveTokenizer.from_preset(name) if name in available_presets() else DoveTokenizer.from_pretrained(name)
+        tokenizer = (
+            DoveTokenizer.from_preset(name) if name in available_presets() else DoveTokenizer.from_pretrained(name)
+        )
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
             tokenizer = tokenizer.to(device_map)
         self._attach(tokenizer)
@@ -87,7 +89,7 @@ class DoveVisionTower(nn.Module):
         tokenizer.train(False)
         self.is_loaded = True
 
-    def train(self, mode: bool = True) -> "DoveVisionTower":
+    def train(self, mode: bool = True) -> DoveVisionTower:
         """Frozen parts stay in eval mode whatever the surrounding model does."""
         super().train(mode)
         if self.is_loaded:
@@ -153,7 +155,9 @@ class DoveVisionTower(nn.Module):
         batch = pixels.shape[0]
         budget = self.budget if budget is None else budget
         forced = resolve_budget(budget, batch, self.num_patches)
-        query = self.tokenizer.tokenize_queries(list(queries), batch) if (self.use_query and queries is not None) else None
+        query = (
+            self.tokenizer.tokenize_queries(list(queries), batch) if (self.use_query and queries is not None) else None
+        )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.has_trainable_parameters):
             tokens, eos_logits, _ = self.tokenizer(pixels, *(query or (None, None)))
         if forced is not None:

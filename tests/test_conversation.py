@@ -116,7 +116,10 @@ def test_query_is_the_first_question_without_placeholders_and_never_an_answer():
     for turn in CONVERSATION:
         if turn["from"] == "gpt":
             assert turn["value"] not in query
-    assert conversation_query([{"role": "user", "content": "Where? <image>"}, {"role": "assistant", "content": "x"}]) == "Where?"
+    assert (
+        conversation_query([{"role": "user", "content": "Where? <image>"}, {"role": "assistant", "content": "x"}])
+        == "Where?"
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +127,11 @@ def test_query_is_the_first_question_without_placeholders_and_never_an_answer():
     [
         ([], 1, "empty conversation"),
         ([{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "a"}], 1, "no <image> placeholder"),
-        ([{"from": "human", "value": "<image><image> two?"}, {"from": "gpt", "value": "a"}], 1, "2 <image> placeholders but only 1"),
+        (
+            [{"from": "human", "value": "<image><image> two?"}, {"from": "gpt", "value": "a"}],
+            1,
+            "2 <image> placeholders but only 1",
+        ),
         ([{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "<image> a"}], 1, "in an answer"),
         ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>"}], 1, "expected the user"),
         ([{"from": "robot", "value": "<image>"}, {"from": "gpt", "value": "a"}], 1, "unknown role"),
@@ -164,7 +171,9 @@ def _tokenizer_without_image_token():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=300,
+        special_tokens=["<unk>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(TEXTS, trainer=trainer)

@@ -40,7 +40,12 @@ def test_safetensors_round_trip(tmp_path):
     torch.manual_seed(0)
     source = build_projector("mlp2x_gelu", 32, 48)
     state = projector_state_dict(source)
-    assert sorted(state) == ["mm_projector.0.bias", "mm_projector.0.weight", "mm_projector.2.bias", "mm_projector.2.weight"]
+    assert sorted(state) == [
+        "mm_projector.0.bias",
+        "mm_projector.0.weight",
+        "mm_projector.2.bias",
+        "mm_projector.2.weight",
+    ]
     path = tmp_path / "mm_projector.safetensors"
     save_file(state, str(path))
     target = build_projector("mlp2x_gelu", 32, 48)

@@ -139,8 +139,14 @@ def test_training_logits_of_each_sample_equal_the_sample_alone(model, llm_tokeni
 
 def test_greedy_generation_of_each_sample_equals_the_sample_alone(model, llm_tokenizer, images):
     input_ids, attention_mask = prompt_batch(llm_tokenizer)
-    settings = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                    pad_token_id=llm_tokenizer.pad_token_id, eos_token_id=llm_tokenizer.eos_token_id)
+    settings = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": llm_tokenizer.pad_token_id,
+        "eos_token_id": llm_tokenizer.eos_token_id,
+    }
     batched = model.generate(input_ids, attention_mask, images=images, queries=QUESTIONS, **settings)
     lengths = list(model.last_visual_lengths)
     assert len(set(lengths)) > 1, lengths
@@ -161,14 +167,19 @@ def test_greedy_generation_of_each_sample_equals_the_sample_alone(model, llm_tok
 
 def test_text_only_samples_mix_with_image_samples(model, llm_tokenizer, images):
     conversations = [CONVERSATIONS[0], [{"from": "human", "value": "Say red."}, {"from": "gpt", "value": "red"}]]
-    encoded = [tokenize_conversation(conversations[0], llm_tokenizer), tokenize_conversation(conversations[1], llm_tokenizer, num_images=0)]
+    encoded = [
+        tokenize_conversation(conversations[0], llm_tokenizer),
+        tokenize_conversation(conversations[1], llm_tokenizer, num_images=0),
+    ]
     input_ids, attention_mask, labels, _ = _pad_pairs(encoded, llm_tokenizer.pad_token_id)
     with torch.no_grad():
         out = model(input_ids, attention_mask, labels=labels, images=images[:1])
         n = int(attention_mask[1].sum())
         text_only = model.llm(input_ids=input_ids[1:, :n]).logits
         # The collator's one-image-per-sample layout (a dummy for the text-only sample) gives the same result.
-        masked = model(input_ids, attention_mask, labels=labels, images=images[:2], image_sample_mask=torch.tensor([True, False]))
+        masked = model(
+            input_ids, attention_mask, labels=labels, images=images[:2], image_sample_mask=torch.tensor([True, False])
+        )
     torch.testing.assert_close(out.logits[1, :n], text_only[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(out.logits, masked.logits)
     assert len(out.visual_lengths) == 1
@@ -217,10 +228,16 @@ def test_a_sample_longer_than_the_maximum_is_truncated_with_a_warning_and_stays_
     limit = long_length - 3  # cuts into the first sample's answer only
     assert short <= limit
     model.config.model_max_length = limit
-    with pytest.warns(TruncationWarning, match="sample 'long-one'") as caught:
-        with torch.no_grad():
-            cut = model(input_ids, attention_mask, labels=labels, images=images, queries=queries, budget=budget,
-                        sample_ids=["long-one", "b", "c"])
+    with pytest.warns(TruncationWarning, match="sample 'long-one'") as caught, torch.no_grad():
+        cut = model(
+            input_ids,
+            attention_mask,
+            labels=labels,
+            images=images,
+            queries=queries,
+            budget=budget,
+            sample_ids=["long-one", "b", "c"],
+        )
     assert len(caught) == 1
     assert cut.logits.shape[1] == limit
     torch.testing.assert_close(cut.logits[0], full.logits[0, :limit], atol=1e-5, rtol=1e-5)
@@ -288,8 +305,14 @@ def test_save_and_reload_give_identical_logits(model, llm_tokenizer, images, tmp
     with torch.no_grad():
         before = model(input_ids, attention_mask, labels=labels, images=images, queries=queries)
     model.save_pretrained(tmp_path / "vlm", tokenizer=llm_tokenizer)
-    for name in ("config.json", "mm_projector.safetensors", "vision_tower/model.safetensors",
-                 "vision_tower/text_tokenizer", "llm/config.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "mm_projector.safetensors",
+        "vision_tower/model.safetensors",
+        "vision_tower/text_tokenizer",
+        "llm/config.json",
+        "tokenizer_config.json",
+    ):
         assert (tmp_path / "vlm" / name).exists(), name
     config = json.loads((tmp_path / "vlm" / "config.json").read_text())
     assert config["model_type"] == "dove_llava" and config["tower_config"]["max_tokens"] == 32
@@ -307,7 +330,7 @@ def test_lora_adapter_saves_and_reloads_to_identical_logits(arch, tower_tokenize
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model = build_model(arch, tower_tokenizer, llm_tokenizer)
-    input_ids, attention_mask, labels, queries = training_batch(llm_tokenizer)
+    input_ids, attention_mask, _labels, queries = training_batch(llm_tokenizer)
     with torch.no_grad():
         base = model(input_ids, attention_mask, images=images, queries=queries).logits
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch]))
@@ -342,12 +365,15 @@ def test_components_from_dirs_and_an_llm_kept_by_reference(tower_tokenizer, llm_
     build_tiny_llm(llm_tokenizer, "gpt_neox", init_std=0.2).save_pretrained(tmp_path / "llm-src")
     tower_tokenizer.save_pretrained(tmp_path / "tower-src")
     model = DoveLlavaForCausalLM.from_components(
-        str(tmp_path / "llm-src"), str(tmp_path / "tower-src"), projector_type="linear", tokenizer=llm_tokenizer,
+        str(tmp_path / "llm-src"),
+        str(tmp_path / "tower-src"),
+        projector_type="linear",
+        tokenizer=llm_tokenizer,
         use_query=False,
     ).eval()
     assert model.config.llm_source == str(tmp_path / "llm-src")
     assert model.config.tower_source == str(tmp_path / "tower-src")
-    input_ids, attention_mask, labels, queries = training_batch(llm_tokenizer)
+    input_ids, attention_mask, _labels, queries = training_batch(llm_tokenizer)
     with torch.no_grad():
         before = model(input_ids, attention_mask, images=images, queries=queries)
     model.save_pretrained(tmp_path / "vlm", tokenizer=llm_tokenizer, save_llm=False)
@@ -400,11 +426,21 @@ def test_continuation_scores(model, llm_tokenizer, images):
         assert a < 0 and abs(a - b) < 1e-4 and greedy_a == greedy_b
     # The greedy next token scores as greedy; another token does not.
     input_ids, attention_mask = prompt_batch(llm_tokenizer, QUESTIONS[:1])
-    generated = model.generate(input_ids, attention_mask, images=images[:1], queries=QUESTIONS[:1],
-                               max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                               pad_token_id=llm_tokenizer.pad_token_id)
+    generated = model.generate(
+        input_ids,
+        attention_mask,
+        images=images[:1],
+        queries=QUESTIONS[:1],
+        max_new_tokens=1,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=llm_tokenizer.pad_token_id,
+    )
     ranked = generated.scores[0][0].argsort(descending=True).tolist()
-    single_token = [t for t in ranked if llm_tokenizer(llm_tokenizer.decode([t]), add_special_tokens=False)["input_ids"] == [t]]
+    single_token = [
+        t for t in ranked if llm_tokenizer(llm_tokenizer.decode([t]), add_special_tokens=False)["input_ids"] == [t]
+    ]
     best, other = single_token[0], single_token[1]
     assert best == ranked[0], "the greedy token should round-trip through text"
     texts = [llm_tokenizer.decode([best]), llm_tokenizer.decode([other])]
