@@ -7,7 +7,10 @@ number of tokens (chosen by the EOS head, or forced by a budget). `num_patches` 
 
 Only the generator runs here (the decoder is for reconstruction, not for the LLM). The tokenizer is
 frozen by default; `trainable="eos_head"` or `"generator"` unfreezes that part. Those parameters belong
-to the tokenizer from construction on, so saving and reloading always carries them.
+to the tokenizer from construction on, so saving and reloading always carries them. Lengths are a hard
+cut, so the LLM's loss reaches the generator through the kept tokens but never the EOS head: an
+`eos_head` run needs a length objective of its own, built from `last_eos_logits` (the latest call's
+EOS logits, [B, N], with their graph).
 """
 
 from __future__ import annotations
