@@ -1,0 +1,51 @@
+"""A small offline workspace for the data, sampler and fine-tuning tests: shapes-VQA data, a tiny LLaMA-style
+LLM with a tokenizer trained on the data's own text (saved as a hub-style directory), and a dove-tiny
+tower whose EOS head reads its inputs (so visual lengths differ across images and questions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dove_vlm.shapes import make_shapes
+from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from tokenizer import DoveTokenizer
+
+
+@dataclass
+class Workspace:
+    root: Path
+    train_json: Path
+    images: Path
+    llm_dir: Path
+    tower_dir: Path
+
+    def records(self) -> list[dict]:
+        return json.loads(self.train_json.read_text())
+
+
+def build_workspace(root: Path, n_images: int = 16, seed: int = 0, arch: str = "llama") -> Workspace:
+    summary = make_shapes(root / "shapes", n=n_images, seed=seed, test_fraction=0.0, progress=False)
+    records = json.loads(summary.llava["train"].read_text())
+    texts = [turn["value"] for record in records for turn in record["conversations"]]
+    tokenizer = train_tiny_tokenizer(texts, vocab_size=384)
+    torch.manual_seed(seed)
+    llm = build_tiny_llm(tokenizer, arch, init_std=0.2)
+    llm_dir = root / "llm"
+    llm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+
+    torch.manual_seed(seed)
+    tower = DoveTokenizer.from_preset("dove-tiny").eval()
+    sample = records[: min(len(records), 24)]
+    pixels = torch.cat(
+        [tower.image_processor.preprocess(str(summary.images_dir / r["image"]))["pixel_values"] for r in sample]
+    )
+    questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in sample]
+    calibrate_eos_head(tower, pixels, questions, seed=seed)
+    tower_dir = root / "tower"
+    tower.save_pretrained(tower_dir)
+    return Workspace(root, summary.llava["train"], summary.images_dir, llm_dir, tower_dir)
