@@ -156,13 +156,25 @@ class DoveLlava(lmms):
 
     def _load(self) -> None:
         tokenizer, model, _, context_len = load_pretrained_model(self.pretrained, device=self._device, dtype=self.torch_dtype)
+        self._check_setting(model)
+        self._tokenizer, self._model, self._context_len = tokenizer, model.eval(), int(context_len)
+
+    def _check_setting(self, model: Any) -> None:
         if self.budget is not None and self.budget > model.vision_tower.num_patches:
             raise ValueError(
                 f"dove_llava: budget={self.budget} exceeds the tower's maximum of {model.vision_tower.num_patches} tokens"
             )
         if self.use_query and not model.vision_tower.use_query:
             eval_logger.warning(f"dove_llava: {self.pretrained} has a tower without query conditioning; query=true changes nothing")
-        self._tokenizer, self._model, self._context_len = tokenizer, model.eval(), int(context_len)
+
+    def configure(self, query: bool | str | None = None, budget: int | str | None = None) -> None:
+        """Switch the setting of a loaded instance (query conditioning, budget) between evaluations, so a
+        sweep loads the weights once. Arguments left None keep their value; budget "auto" frees it."""
+        if query is not None:
+            self.use_query = _parse_bool("query", query)
+        if budget is not None:
+            self.budget = _parse_budget(budget)
+        self._check_setting(self.model)
 
     @property
     def model(self):

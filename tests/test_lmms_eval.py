@@ -1,0 +1,388 @@
+"""lmms-eval integration: the `dove_llava` model, the shapes tasks, token accounting, bad samples, `eval-vqa`.
+
+Everything runs lmms-eval itself (its CLI in a subprocess, `simple_evaluate` in process) on a tiny VLM built
+here: a random dove-tiny tower whose EOS head is calibrated to read its inputs (so lengths vary with the
+image and the query), a tiny LLaMA and a tokenizer trained on the shapes questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dove_vlm.shapes import make_shapes
+from llava_adapter import DoveLlavaForCausalLM
+from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from tokenizer import DoveTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "eval" / "tasks"
+TASK = "dove_shapes_vqa"
+LIMIT = 8
+BATCH = 4
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "data"
+    make_shapes(out, n=30, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_records(shapes_dir):
+    return json.loads((shapes_dir / "test" / "annotations.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory, shapes_dir, test_records):
+    """A saved tiny VLM, loaded by every test through the same path a user's checkpoint takes."""
+    train = json.loads((shapes_dir / "train" / "annotations.json").read_text())
+    llm_tokenizer = train_tiny_tokenizer([f"{r['question']} {r['answer']}" for r in train], vocab_size=320)
+    torch.manual_seed(0)
+    tower = DoveTokenizer.from_preset("dove-tiny").eval()
+    images = tower.pixels([Image.open(shapes_dir / "images" / f"{r['image_id']}.png") for r in test_records])
+    # Calibrated on the bare questions and on the full task prompts, so lengths vary whichever of the two
+    # the tower is given as its query.
+    questions = [r["question"] for r in test_records]
+    prompts = [q + SHORT_ANSWER_SUFFIX for q in questions]
+    calibrate_eos_head(tower, torch.cat([images] * 3), [None] * len(questions) + questions + prompts)
+    llm = build_tiny_llm(llm_tokenizer, "llama")
+    model = DoveLlavaForCausalLM.from_components(llm, tower, tokenizer=llm_tokenizer)
+    out = tmp_path_factory.mktemp("vlm") / "model"
+    model.save_pretrained(out, tokenizer=llm_tokenizer)
+    return out
+
+
+@pytest.fixture
+def shapes_env(shapes_dir, monkeypatch):
+    monkeypatch.setenv("DOVE_SHAPES_DIR", str(shapes_dir))
+    return shapes_dir
+
+
+def dove_llava(vlm_dir, **args):
+    from llava_adapter.lmms_model import DoveLlava
+
+    return DoveLlava(pretrained=str(vlm_dir), **{"batch_size": BATCH, **args})
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    """Only this project's task folder: indexing lmms-eval's hundreds of built-in tasks takes seconds."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager("WARNING", include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def evaluate(model, task_manager, task=TASK, limit=LIMIT):
+    from lmms_eval.evaluator import simple_evaluate
+
+    return simple_evaluate(
+        model=model, tasks=[task], limit=limit, log_samples=True, task_manager=task_manager, verbosity="WARNING"
+    )
+
+
+def visual_counts(samples):
+    return [sample["token_counts"][0].get("visual_tokens") for sample in samples]
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+
+def test_entry_point_registers_dove_llava():
+    """`pip install` exposes dove_llava through lmms-eval's entry-point group; lmms-eval resolves it."""
+    points = {ep.name: ep for ep in entry_points(group="lmms_eval.models")}
+    assert "dove_llava" in points, "dove-vlm's lmms_eval.models entry point is not installed (pip install -e .)"
+    from lmms_eval.models import get_model
+
+    from llava_adapter.lmms_model import DoveLlava
+
+    assert get_model("dove_llava") is DoveLlava
+
+
+# ------------------------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
+    out = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir)}
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "dove_llava",
+        "--model_args", f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH}",
+        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(LIMIT),
+        "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [results_file] = glob.glob(str(out / "*" / "*_results.json"))
+    [samples_file] = glob.glob(str(out / "*" / f"*_samples_{TASK}.jsonl"))
+    results = json.loads(Path(results_file).read_text())
+    samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
+    return results, samples
+
+
+@pytest.mark.slow
+def test_cli_writes_accuracy_token_stats_and_per_sample_counts(cli_run):
+    results, samples = cli_run
+    metrics = results["results"][TASK]
+    assert 0.0 <= metrics["exact_match,none"] <= 1.0
+    assert len(samples) == LIMIT
+    counts = visual_counts(samples)
+    assert all(isinstance(n, int) and 1 <= n <= 32 for n in counts), counts
+    assert len(set(counts)) > 1, "the calibrated tower should spend different token counts on different samples"
+    assert metrics["visual_tokens_mean,none"] == pytest.approx(statistics.fmean(counts))
+    assert metrics["visual_tokens_median,none"] == pytest.approx(statistics.median(counts))
+    assert metrics["visual_tokens_max,none"] == max(counts)
+    assert metrics["exact_match,none"] == pytest.approx(statistics.fmean(s["exact_match"] for s in samples))
+    assert results["throughput"]["avg_latency"] > 0  # seconds per answer, for answers/s
+
+
+@pytest.mark.slow
+def test_simple_evaluate_with_an_instance_matches_the_cli(cli_run, vlm_dir, shapes_env, task_manager):
+    cli_results, cli_samples = cli_run
+    results = evaluate(dove_llava(vlm_dir, query=True, budget="auto"), task_manager)
+    for key in ("exact_match,none", "visual_tokens_mean,none", "visual_tokens_median,none", "visual_tokens_max,none"):
+        assert results["results"][TASK][key] == cli_results["results"][TASK][key], key
+    samples = results["samples"][TASK]
+    # The samples file stores a one-request document's response unwrapped.
+    assert [s["filtered_resps"][0] for s in samples] == [s["filtered_resps"] for s in cli_samples]
+    assert [s["token_counts"] for s in samples] == [s["token_counts"] for s in cli_samples]
+
+
+# --------------------------------------------------------------------------------------- token accounting
+
+
+def test_query_on_and_off_record_different_token_counts(vlm_dir, shapes_env, task_manager, test_records):
+    on = evaluate(dove_llava(vlm_dir, query=True), task_manager)
+    off_model = dove_llava(vlm_dir, query=False)
+    off = evaluate(off_model, task_manager)
+    on_counts, off_counts = visual_counts(on["samples"][TASK]), visual_counts(off["samples"][TASK])
+    assert on_counts != off_counts
+    # Without a query the count is the tower's own length for the image, nothing else.
+    images = [shapes_env / "images" / f"{r['image_id']}.png" for r in test_records[:LIMIT]]
+    with torch.no_grad():
+        off_model.model.vision_tower(off_model.model.vision_tower.image_processor.to_tensor(images))
+    assert off_counts == off_model.model.vision_tower.last_lengths.tolist()
+
+
+def test_a_fixed_budget_records_exactly_that_many_tokens(vlm_dir, shapes_env, task_manager):
+    results = evaluate(dove_llava(vlm_dir, query=True, budget=5), task_manager)
+    assert visual_counts(results["samples"][TASK]) == [5] * LIMIT
+    for stat in ("mean", "median", "max"):
+        assert results["results"][TASK][f"visual_tokens_{stat},none"] == 5
+
+
+def test_multiple_choice_task_scores_choices_by_likelihood(vlm_dir, shapes_env, task_manager, test_records):
+    from llava_adapter.inference import score_continuations
+
+    model = dove_llava(vlm_dir, query=False)
+    results = evaluate(model, task_manager, task="dove_shapes_vqa_mc", limit=3)
+    samples = results["samples"]["dove_shapes_vqa_mc"]
+    assert 0.0 <= results["results"]["dove_shapes_vqa_mc"]["acc,none"] <= 1.0
+    first = samples[0]
+    scores = [resp[0] for resp in first["filtered_resps"]]
+    assert all(math.isfinite(s) and s > 0 for s in scores)  # negative log-likelihoods: lower = likelier
+    assert all(isinstance(c["visual_tokens"], int) for c in first["token_counts"])
+    # The score of a choice is minus the log-probability the adapter computes for that answer.
+    record = test_records[0]
+    choices = ["yes", "no"] if record["question_type"] in ("presence", "position") else None
+    if choices:
+        prompt = record["question"] + SHORT_ANSWER_SUFFIX
+        image = shapes_env / "images" / f"{record['image_id']}.png"
+        direct = score_continuations(model.model, model.tokenizer, [image] * 2, [prompt] * 2, choices, use_query=False)
+        assert scores == pytest.approx([-lp for lp, _ in direct], rel=1e-4)
+    expected = float(min(range(len(scores)), key=scores.__getitem__) == first["target"])
+    assert first["acc"] == expected
+
+
+# -------------------------------------------------------------------------------------------- bad samples
+
+
+@pytest.fixture
+def broken_shapes_dir(shapes_dir, tmp_path, monkeypatch):
+    """A copy of the shapes data whose first four test questions are each broken in one way."""
+    out = tmp_path / "broken"
+    (out / "test").mkdir(parents=True)
+    table = pq.read_table(shapes_dir / "test" / "vqa.parquet")
+    rows = table.to_pylist()
+    rows[0]["image"] = {"bytes": b"this is not a png", "path": "garbage.png"}
+    rows[1]["image"] = {"bytes": None, "path": str(tmp_path / "missing.png")}
+    rows[2]["question"] = ""
+    rows[3]["question"] = "Is the " + "very " * 700 + "red circle left of the blue square?"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / "test" / "vqa.parquet")
+    monkeypatch.setenv("DOVE_SHAPES_DIR", str(out))
+    return out
+
+
+def test_bad_samples_are_scored_wrong_with_their_error_and_nothing_else_is_lost(vlm_dir, broken_shapes_dir, task_manager):
+    results = evaluate(dove_llava(vlm_dir, query=True), task_manager)
+    samples = results["samples"][TASK]
+    assert len(samples) == LIMIT
+    expected_errors = ["not an image", "not found", "empty question", "maximum length"]
+    for sample, fragment in zip(samples[:4], expected_errors):
+        error = sample["token_counts"][0]["error"]
+        assert fragment in error, (fragment, error)
+        assert sample["error"] == error
+        assert sample["filtered_resps"] == [""] and sample["exact_match"] == 0.0
+        assert sample["visual_tokens_mean"] is None
+    good = samples[4:]
+    assert all("error" not in s and "error" not in s["token_counts"][0] for s in good)
+    counts = visual_counts(good)
+    assert all(isinstance(n, int) and n >= 1 for n in counts)
+    assert results["results"][TASK]["visual_tokens_mean,none"] == pytest.approx(statistics.fmean(counts))
+
+
+# --------------------------------------------------------------------------------- the model class itself
+
+
+def _instances(docs, gen_kwargs, task="probe"):
+    from lmms_eval.api.instance import Instance
+
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(doc["prompt"], dict(gen_kwargs), lambda d: [d["image"]], index, task, "test"),
+            idx=0,
+            metadata={"task": task, "doc_id": index, "repeats": 1},
+        )
+        for index, doc in enumerate(docs)
+    ]
+
+
+@pytest.fixture
+def probe_docs(shapes_dir, test_records):
+    return [
+        {"prompt": r["question"] + SHORT_ANSWER_SUFFIX,
+         "image": Image.open(shapes_dir / "images" / f"{r['image_id']}.png").convert("RGB")}
+        for r in test_records[:5]
+    ]  # fmt: skip
+
+
+def _texts(model, docs, gen_kwargs):
+    model.task_dict = {"probe": {"test": docs}}
+    return [r.text for r in model.generate_until(_instances(docs, gen_kwargs))]
+
+
+def test_generate_until_batches_keep_order_and_respect_until_and_max_new_tokens(vlm_dir, probe_docs):
+    from llava_adapter.inference import answer_questions
+
+    batched = dove_llava(vlm_dir, query=False)  # batch_size 4: five requests make a batch of four and one alone
+    single = dove_llava(vlm_dir, query=False, batch_size=1)
+    greedy = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
+    texts = _texts(batched, probe_docs, greedy)
+    assert texts == _texts(single, probe_docs, greedy)
+    # The task's generation kwargs reach generation: the same answers as the adapter's own call with them,
+    # and a longer limit gives longer answers.
+    direct = answer_questions(batched.model, batched.tokenizer, [d["image"] for d in probe_docs],
+                              [d["prompt"] for d in probe_docs], use_query=False, max_new_tokens=6)  # fmt: skip
+    assert texts == [a.text for a in direct]
+    longer = _texts(batched, probe_docs, {**greedy, "max_new_tokens": 12})
+    assert any(len(b) > len(a) for a, b in zip(texts, longer))
+    # A stop sequence taken from inside an answer cuts that answer right before it.
+    long_text = max(texts, key=len)
+    stop = long_text[len(long_text) // 2 :][:2]
+    cut = _texts(batched, probe_docs, {**greedy, "until": [stop]})
+    assert cut != texts
+    for full, short in zip(texts, cut):
+        assert short == (full[: full.find(stop)] if stop in full else full)
+
+
+def test_clean_releases_the_weights_and_the_next_request_reloads_them(vlm_dir, probe_docs):
+    model = dove_llava(vlm_dir)
+    before = _texts(model, probe_docs[:2], {"max_new_tokens": 4})
+    model.clean()
+    assert model._model is None
+    assert _texts(model, probe_docs[:2], {"max_new_tokens": 4}) == before
+
+
+def test_multi_round_requests_are_refused_clearly(vlm_dir):
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        dove_llava(vlm_dir).generate_until_multi_round([])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"query": "maybe"}, "query must be true or false"),
+        ({"budget": 0}, "budget must be a positive integer"),
+        ({"budget": 33}, "exceeds the tower's maximum of 32"),
+        ({"threshold": 1.5}, "threshold must lie in"),
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"querry": True}, "unknown model arg"),
+    ],
+)
+def test_bad_model_args_are_named(vlm_dir, args, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        dove_llava(vlm_dir, **args)
+
+
+def test_model_args_from_the_command_line_win_over_cli_defaults(vlm_dir):
+    from llava_adapter.lmms_model import DoveLlava
+
+    model = DoveLlava.create_from_arg_string(
+        f"pretrained={vlm_dir},query=false,budget=7,threshold=0.4,batch_size=3,max_new_tokens=5",
+        {"batch_size": 1, "max_batch_size": None, "device": None},
+    )
+    assert (model.use_query, model.budget, model.threshold, model.batch_size, model.max_new_tokens) == (
+        False, 7, 0.4, 3, 5,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ eval-vqa
+
+
+@pytest.mark.slow
+def test_eval_vqa_writes_table_plot_and_blind_baseline(vlm_dir, shapes_env, tmp_path):
+    from dove_vlm.cli import main
+    from dove_vlm.shapes import blind_baseline_accuracy
+
+    out = tmp_path / "eval"
+    code = main([
+        "eval-vqa", "--model", str(vlm_dir), "--tasks", TASK, "--budgets", "auto,4", "--query", "both",
+        "--limit", "6", "--batch-size", str(BATCH), "--output", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    settings = {(r["query"], r["budget"]) for r in rows if r["setting"] != "blind"}
+    assert settings == {("on", "auto"), ("on", "4"), ("off", "auto"), ("off", "4")}
+    for row in rows:
+        if row["setting"] == "blind":
+            continue
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert float(row["answers_per_s"]) > 0
+        if row["budget"] == "4":
+            assert float(row["mean_visual_tokens"]) == 4.0
+    [blind] = [r for r in rows if r["setting"] == "blind"]
+    train = json.loads((shapes_env / "train" / "annotations.json").read_text())
+    test = json.loads((shapes_env / "test" / "annotations.json").read_text())[:6]
+    assert float(blind["accuracy"]) == pytest.approx(blind_baseline_accuracy(train, test))
+    assert float(blind["mean_visual_tokens"]) == 0.0
+    # Each row is the run it summarises: the results JSON of that setting holds the same accuracy.
+    auto_on = next(r for r in rows if (r["query"], r["budget"]) == ("on", "auto"))
+    [run_results] = glob.glob(str(out / "runs" / auto_on["setting"] / "*" / "*_results.json"))
+    assert float(auto_on["accuracy"]) == pytest.approx(
+        json.loads(Path(run_results).read_text())["results"][TASK]["exact_match,none"]
+    )
+    assert (out / "results.md").read_text().count("\n") >= 6
+    with Image.open(out / "accuracy_vs_visual_tokens.png") as plot:
+        assert plot.size[0] > 100 and plot.size[1] > 100
