@@ -140,7 +140,8 @@ def _evaluate(model: Any, args: argparse.Namespace, tasks: list[str], task_manag
         verbosity="WARNING",
         datetime_str=datetime_str,
     )
-    samples = results["samples"]
+    # The tracker edits the sample records it writes (drops `doc`, unwraps responses): give it copies.
+    samples = {task: [dict(sample) for sample in records] for task, records in results["samples"].items()}
     saved = {key: value for key, value in results.items() if key != "samples"}
     tracker.save_results_aggregated(results=saved, samples=samples, datetime_str=datetime_str)
     for task in saved["configs"]:
