@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune_log.json"
 STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"
-DEFAULT_LEARNING_RATES = {(1, False): 1e-3, (2, True): 2e-4, (2, False): 2e-5}
+DEFAULT_LEARNING_RATES = {"stage1": 1e-3, "lora": 2e-4, "full": 2e-5}  # LLaVA-1.5's
 
 
 @dataclass
@@ -112,15 +112,20 @@ class FinetuneArguments:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LEARNING_RATES[(self.stage, self.lora or self.stage == 1)]
+            kind = "stage1" if self.stage == 1 else "lora" if self.lora else "full"
+            self.learning_rate = DEFAULT_LEARNING_RATES[kind]
 
 
 @dataclass
 class FinetuneResult:
+    """What a finished stage leaves in memory. Under ZeRO-3 `model`'s parameters are partitioned: run it
+    through `trainer.model_wrapped` (the DeepSpeed engine), or reload `output_dir`."""
+
     output_dir: Path
     losses: list[float]
     model: DoveLlavaForCausalLM
     tokenizer: PreTrainedTokenizerBase
+    trainer: Trainer
     visual_length_cache: Path | None
 
 
@@ -189,7 +194,10 @@ def configure_trainable(model: DoveLlavaForCausalLM, args: FinetuneArguments) ->
         base = model.llm.get_base_model() if is_lora_wrapped(model.llm) else model.llm
         # Non-reentrant checkpointing keeps gradients flowing to adapters even though the (frozen)
         # embeddings that feed the first block do not require grad.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     return model
 
@@ -317,7 +325,6 @@ def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
         bf16=args.bf16 and ds_config is None,
         use_cpu=not on_gpu,
         deepspeed=ds_config,
-        gradient_checkpointing=False,  # enabled on the LLM alone in `configure_trainable`
         remove_unused_columns=False,
         dataloader_num_workers=args.dataloader_num_workers,
         logging_steps=args.logging_steps,
@@ -388,6 +395,10 @@ def finetune(args: FinetuneArguments) -> FinetuneResult:
         trainer.save_model(args.output_dir)
     finally:
         unset_hf_deepspeed_config()
+    if not trainer.is_deepspeed_enabled:
+        # Drop the autocast wrapper `accelerate` put around `forward` for bf16, so the returned model
+        # computes as a reloaded one does.
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     if trainer.is_world_process_zero():
         record = {
@@ -401,4 +412,4 @@ def finetune(args: FinetuneArguments) -> FinetuneResult:
         Path(args.output_dir, LOG_FILE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     if any(not math.isfinite(loss) for loss in losses):
         raise FloatingPointError(f"training produced a non-finite loss: {losses}")
-    return FinetuneResult(Path(args.output_dir), losses, model, tokenizer, cache_path)
+    return FinetuneResult(Path(args.output_dir), losses, model, tokenizer, trainer, cache_path)

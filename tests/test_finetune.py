@@ -1,0 +1,321 @@
+"""Two-stage fine-tuning: what each stage trains, the projector's own learning rate, LoRA save/reload/merge,
+and DeepSpeed ZeRO-2 / ZeRO-3 on the CPU (gloo) through the real launchers, with the loss falling.
+
+Losses are compared epoch against epoch over the same small training set (2 epochs), so a fall means
+learning rather than a change in which samples were drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from llava_workspace import build_workspace
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from dove_vlm.cli import main as cli_main
+from llava_adapter import DoveLlavaForCausalLM, DoveVisionTower, add_image_token
+from llava_adapter.data import LlavaCollator, LlavaConversationDataset, pad_token_id
+from llava_adapter.lora import apply_lora, is_lora_wrapped, lora_target_modules
+from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
+from llava_adapter.train import (
+    LOG_FILE,
+    FinetuneArguments,
+    configure_trainable,
+    finetune,
+    trainable_parameter_groups,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, EPOCHS, TRAIN_SAMPLES = 4, 2, 16
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = build_workspace(tmp_path_factory.mktemp("finetune"), n_images=8)
+    subset = ws.root / "train16.json"
+    subset.write_text(json.dumps(ws.records()[:TRAIN_SAMPLES]))
+    ws.subset = subset
+    return ws
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workspace):
+    tok = AutoTokenizer.from_pretrained(workspace.llm_dir)
+    add_image_token(tok)
+    return tok
+
+
+def fresh_model(workspace, tokenizer):
+    torch.manual_seed(0)
+    return DoveLlavaForCausalLM.from_components(workspace.llm_dir, workspace.tower_dir, tokenizer=tokenizer)
+
+
+def fixed_batch(workspace, tokenizer, template="auto", n=4):
+    dataset = LlavaConversationDataset(
+        workspace.subset, tokenizer, DoveVisionTower(str(workspace.tower_dir), delay_load=True).image_processor,
+        workspace.images, template=template,
+    )
+    return LlavaCollator(pad_token_id(tokenizer))([dataset[i] for i in range(n)])
+
+
+def logits_of(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def epoch_means(losses):
+    per_epoch = len(losses) // EPOCHS
+    assert per_epoch >= 2, losses
+    return [sum(losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch for e in range(EPOCHS)]
+
+
+def assert_loss_falls(losses):
+    first, last = epoch_means(losses)
+    assert last < first - 0.05, f"loss did not fall: epoch means {first:.4f} -> {last:.4f} ({losses})"
+
+
+def stage_args(workspace, tmp_path, stage, output, **overrides):
+    values = dict(
+        stage=stage,
+        data=str(workspace.subset),
+        image_folder=str(workspace.images),
+        output_dir=str(output),
+        num_train_epochs=EPOCHS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        visual_length_cache=str(tmp_path / "cache"),
+    )
+    if stage == 2:
+        values.update(lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    values.update(overrides)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- what trains
+
+
+def test_stage1_trains_the_projector_alone(workspace, tokenizer):
+    model = configure_trainable(fresh_model(workspace, tokenizer), FinetuneArguments(
+        stage=1, data="d.json", output_dir="o", model="m"))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("mm_projector.") for name in trainable)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_lora_adapts_every_llm_linear_but_the_output_layer(arch):
+    tok = train_tiny_tokenizer(["a tiny corpus of words for a tiny tokenizer"] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    llm = build_tiny_llm(tok, arch)
+    output = llm.get_output_embeddings()
+    linear = [name for name, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and m is not output]
+    wrapped = apply_lora(llm, r=4, alpha=8, target_modules=lora_target_modules(llm))
+    adapted = {name.removeprefix("base_model.model.") for name, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(linear)
+    assert not any(hasattr(m, "lora_A") for m in [wrapped.get_output_embeddings()])
+
+
+def test_stage2_lora_leaves_tower_and_projector_without_adapters(workspace, tokenizer):
+    model = configure_trainable(fresh_model(workspace, tokenizer), FinetuneArguments(
+        stage=2, lora=True, lora_r=4, lora_alpha=8, data="d.json", output_dir="o", model="m"))
+    assert is_lora_wrapped(model.llm)
+    for name, param in model.named_parameters():
+        if name.startswith(("mm_projector.", "vision_tower.")):
+            assert "lora_" not in name
+        if param.requires_grad:
+            assert name.startswith("mm_projector.") or "lora_" in name, name
+    assert all(p.requires_grad for p in model.mm_projector.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    groups = trainable_parameter_groups(model, learning_rate=2e-4, projector_lr=2e-5, weight_decay=0.1)
+    projector = {id(p) for p in model.mm_projector.parameters()}
+    for group in groups:
+        in_projector = [id(p) in projector for p in group["params"]]
+        assert all(in_projector) or not any(in_projector)
+        assert group.get("lr") == (2e-5 if all(in_projector) else None)
+        assert group["weight_decay"] in (0.0, 0.1)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_finetune_refuses_contradictory_arguments(tmp_path, capsys):
+    base = ["finetune", "--data", "d.json", "--output", str(tmp_path / "o")]
+    assert cli_main(base + ["--stage", "1"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert cli_main(base + ["--stage", "1", "--lora", "--model", "m"]) == 2
+    assert "LoRA belongs to stage 2" in capsys.readouterr().err
+    assert cli_main(base + ["--stage", "2", "--model", "m", "--llm", "x"]) == 2
+    assert "do not combine" in capsys.readouterr().err
+
+
+def test_finetune_stops_on_a_bad_record_before_training(workspace, tmp_path, capsys):
+    records = workspace.records()[:3]
+    records[1] = dict(records[1], image="missing.png")
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    code = cli_main(["finetune", "--stage", "1", "--llm", str(workspace.llm_dir), "--tower", str(workspace.tower_dir),
+                     "--data", str(data), "--image-folder", str(workspace.images), "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert repr(records[1]["id"]) in err and "image file not found" in err
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+@pytest.mark.slow
+def test_lora_stage2_saves_reloads_and_merges_to_the_same_logits(workspace, tokenizer, tmp_path):
+    """No DeepSpeed: the trained model in memory, its reload, and its merge-lora copy agree."""
+    output = tmp_path / "lora"
+    args = stage_args(workspace, tmp_path, 2, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir),
+                      projector_lr=0.0)
+    start = fresh_model(workspace, tokenizer).mm_projector.state_dict()
+    result = finetune(FinetuneArguments(**args))
+    assert_loss_falls(result.losses)
+
+    # The projector's own learning rate (0 here) held it still while the adapters moved.
+    for key, value in result.model.mm_projector.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    lora_b = [p for n, p in result.model.llm.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+    assert (output / "adapter_config.json").is_file() and not (output / "llm").exists()
+    batch = fixed_batch(workspace, tokenizer)
+    trained = logits_of(result.model, batch)
+    reloaded = DoveLlavaForCausalLM.from_pretrained(output)
+    assert is_lora_wrapped(reloaded.llm)
+    torch.testing.assert_close(logits_of(reloaded, batch), trained, rtol=0, atol=1e-6)
+
+    merged_dir = tmp_path / "merged"
+    assert cli_main(["merge-lora", "--model", str(output), "--output", str(merged_dir)]) == 0
+    assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "llm").is_dir()
+    merged = DoveLlavaForCausalLM.from_pretrained(merged_dir)
+    assert not is_lora_wrapped(merged.llm)
+    torch.testing.assert_close(logits_of(merged, batch), trained, rtol=0, atol=1e-5)
+    assert cli_main(["merge-lora", "--model", str(merged_dir), "--output", str(tmp_path / "again")]) == 2
+
+
+@pytest.mark.slow
+def test_full_stage2_with_checkpointing_and_bf16_saves_the_llm(workspace, tokenizer, tmp_path):
+    output = tmp_path / "full"
+    args = stage_args(workspace, tmp_path, 2, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir),
+                      lora=False, learning_rate=3e-3, gradient_checkpointing=True, bf16=True)
+    result = finetune(FinetuneArguments(**args))
+    assert_loss_falls(result.losses)
+    assert (output / "llm").is_dir() and not (output / "adapter_config.json").exists()
+    before = load_file(str(workspace.llm_dir / "model.safetensors"))
+    after = load_file(str(output / "llm" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    batch = fixed_batch(workspace, tokenizer)
+    torch.testing.assert_close(
+        logits_of(DoveLlavaForCausalLM.from_pretrained(output), batch), logits_of(result.model, batch),
+        rtol=0, atol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra)
+    return env
+
+
+def run_launcher(command, env, timeout=600):
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def logged_losses(output: Path) -> list[float]:
+    return json.loads((output / LOG_FILE).read_text())["losses"]
+
+
+@pytest.mark.slow
+def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(workspace, tmp_path):
+    common = ["--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "1e-2", "--warmup-ratio", "0",
+              "--lr-scheduler", "constant", "--no-bf16", "--no-gradient-checkpointing",
+              "--visual-length-cache", str(tmp_path / "cache")]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    env = dict(LAUNCHER="deepspeed", NPROC="1", DS_CONFIG="scripts/zero2.json", DATA=str(workspace.subset),
+               IMAGES=str(workspace.images))
+    run_launcher(["bash", "scripts/finetune_stage1.sh", *common], launcher_env(
+        **env, PORT=str(free_port()), LLM=str(workspace.llm_dir), TOWER=str(workspace.tower_dir), OUTPUT=str(stage1)))
+    assert_loss_falls(logged_losses(stage1))
+    assert (stage1 / "mm_projector.safetensors").is_file() and not (stage1 / "llm").exists()
+
+    run_launcher(["bash", "scripts/finetune_stage2_lora.sh", *common, "--lora-r", "8", "--lora-alpha", "16"],
+                 launcher_env(**env, PORT=str(free_port()), MODEL=str(stage1), OUTPUT=str(stage2)))
+    assert_loss_falls(logged_losses(stage2))
+    reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
+    assert is_lora_wrapped(reloaded.llm)
+    assert all(p.abs().sum() > 0 for n, p in reloaded.llm.named_parameters() if "lora_B" in n)
+    stage1_projector = load_file(str(stage1 / "mm_projector.safetensors"))
+    stage2_projector = load_file(str(stage2 / "mm_projector.safetensors"))
+    assert any(not torch.equal(stage1_projector[k], stage2_projector[k]) for k in stage1_projector)
+
+
+ZERO3_DRIVER = """
+import json, sys, torch
+from safetensors.torch import save_file
+from llava_adapter.data import LlavaCollator, LlavaConversationDataset, pad_token_id
+from llava_adapter.train import FinetuneArguments, finetune
+
+config = json.loads(sys.argv[1])
+finetune(FinetuneArguments(**config["stage1"]))
+result = finetune(FinetuneArguments(**config["stage2"]))
+# Logits from the live ZeRO-3 engine (partitioned parameters), to compare with the saved model.
+dataset = LlavaConversationDataset(config["stage2"]["data"], result.tokenizer,
+                                   result.model.vision_tower.image_processor, config["stage2"]["image_folder"],
+                                   template=result.model.config.conversation_template)
+batch = LlavaCollator(pad_token_id(result.tokenizer))([dataset[i] for i in range(4)])
+engine = result.trainer.model_wrapped
+engine.eval()
+with torch.no_grad():
+    logits = engine(**batch).logits
+save_file({"logits": logits.float().contiguous()}, config["logits"])
+"""
+
+
+@pytest.mark.slow
+def test_zero3_stage1_then_stage2_lora_under_torchrun(workspace, tokenizer, tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    zero3 = str(REPO / "scripts" / "zero3.json")
+    config = {
+        "stage1": stage_args(workspace, tmp_path, 1, stage1, llm=str(workspace.llm_dir),
+                             tower=str(workspace.tower_dir), deepspeed=zero3),
+        "stage2": stage_args(workspace, tmp_path, 2, stage2, model=str(stage1), deepspeed=zero3),
+        "logits": str(tmp_path / "engine_logits.safetensors"),
+    }
+    driver = tmp_path / "driver.py"
+    driver.write_text(ZERO3_DRIVER)
+    run_launcher(["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver),
+                  json.dumps(config)], launcher_env())
+    assert_loss_falls(logged_losses(stage1))
+    assert_loss_falls(logged_losses(stage2))
+
+    reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
+    saved = json.loads((stage2 / "config.json").read_text())
+    assert saved["hidden_size"] == reloaded.llm.get_input_embeddings().weight.shape[-1]
+    engine_logits = load_file(config["logits"])["logits"]
+    batch = fixed_batch(workspace, tokenizer, template=reloaded.config.conversation_template)
+    torch.testing.assert_close(logits_of(reloaded, batch), engine_logits, rtol=0, atol=1e-5)
