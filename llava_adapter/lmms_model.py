@@ -253,9 +253,9 @@ class DoveLlava(lmms):
                                         f"exceeds the LLM's maximum length of {self._context_len}")
                         continue
                     text = _cut(answer.text, until)
-                    # The answer re-tokenized: exact for ordinary text, an estimate when generation stopped
-                    # inside a multi-byte character.
-                    output_tokens = len(self.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
+                    output_tokens = getattr(answer, "generated_tokens", None)
+                    if output_tokens is None:  # an estimate: the answer re-tokenized
+                        output_tokens = len(self.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
                     answered += 1
                     generated += output_tokens
                     results[sample.index] = GenerationResult(text, VisualTokenCounts(
