@@ -25,6 +25,7 @@ does not fit the LLM's maximum length gets an empty answer (scored wrong) and it
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import json
@@ -41,6 +42,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from PIL import Image
+
+from tokenizer.image_processing import ImageLoadError, load_image
 
 from .conversation import tokenize_generation_prompt
 from .inference import answer_questions, load_pretrained_model, score_continuations
@@ -66,8 +69,14 @@ _GENERATION_KEYS = (
     "length_penalty",
     "no_repeat_ngram_size",
 )
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 DEFAULT_MAX_NEW_TOKENS = 16
 
 
@@ -131,7 +140,9 @@ class DoveLlava(lmms):
         self.budget = _parse_budget(budget)
         self.threshold = _parse_threshold(threshold)
         self.batch_size_per_gpu = _parse_positive_int("batch_size", batch_size)
-        self.max_new_tokens = None if max_new_tokens in (None, "") else _parse_positive_int("max_new_tokens", max_new_tokens)
+        self.max_new_tokens = (
+            None if max_new_tokens in (None, "") else _parse_positive_int("max_new_tokens", max_new_tokens)
+        )
         if str(dtype) not in _DTYPES:
             raise ValueError(f"dove_llava: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.torch_dtype = _DTYPES[str(dtype)]
@@ -145,7 +156,7 @@ class DoveLlava(lmms):
     # ------------------------------------------------------------------ loading and lmms-eval's clean()
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DoveLlava":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DoveLlava:
         """As lmms' own, except that a model arg wins over lmms-eval's CLI defaults (`--batch_size` is
         always passed, 1 unless given), instead of the two colliding."""
         from lmms_eval.utils import simple_parse_args_string
@@ -155,7 +166,9 @@ class DoveLlava(lmms):
         return cls(**args, **extra)
 
     def _load(self) -> None:
-        tokenizer, model, _, context_len = load_pretrained_model(self.pretrained, device=self._device, dtype=self.torch_dtype)
+        tokenizer, model, _, context_len = load_pretrained_model(
+            self.pretrained, device=self._device, dtype=self.torch_dtype
+        )
         self._check_setting(model)
         self._tokenizer, self._model, self._context_len = tokenizer, model.eval(), int(context_len)
 
@@ -165,7 +178,9 @@ class DoveLlava(lmms):
                 f"dove_llava: budget={self.budget} exceeds the tower's maximum of {model.vision_tower.num_patches} tokens"
             )
         if self.use_query and not model.vision_tower.use_query:
-            eval_logger.warning(f"dove_llava: {self.pretrained} has a tower without query conditioning; query=true changes nothing")
+            eval_logger.warning(
+                f"dove_llava: {self.pretrained} has a tower without query conditioning; query=true changes nothing"
+            )
 
     def configure(self, query: bool | str | None = None, budget: int | str | None = None) -> None:
         """Switch the setting of a loaded instance (query conditioning, budget) between evaluations, so a
@@ -200,8 +215,11 @@ class DoveLlava(lmms):
     @property
     def settings(self) -> dict[str, Any]:
         """The evaluation setting, as eval tables name it."""
-        return {"query": self.use_query, "budget": "auto" if self.budget is None else self.budget,
-                "threshold": self.threshold}
+        return {
+            "query": self.use_query,
+            "budget": "auto" if self.budget is None else self.budget,
+            "threshold": self.threshold,
+        }
 
     def clean(self) -> None:
         """lmms-eval calls this after the last request (to free memory for judge models). The weights are
@@ -236,12 +254,8 @@ class DoveLlava(lmms):
                 chunk = [self._prepare(i, requests[i]) for i in indices[start : start + self.batch_size]]
                 runnable = [s for s in chunk if s.error is None]
                 began = time.perf_counter()
-                answers = self._run(runnable, lambda batch: answer_questions(
-                    self.model, self.tokenizer, [s.image for s in batch], [s.prompt for s in batch],
-                    use_query=self.use_query, budget=self.budget, threshold=self.threshold,
-                    max_new_tokens=max_new_tokens, batch_size=len(batch),
-                    **_queries_argument(answer_questions, batch, self.use_query), **generation,
-                ), model_errors)
+                call = functools.partial(self._answer, max_new_tokens=max_new_tokens, generation=generation)
+                answers = self._run(runnable, call, model_errors)
                 model_seconds += time.perf_counter() - began
                 for sample, answer in zip(runnable, answers):
                     if isinstance(answer, Exception):
@@ -249,8 +263,10 @@ class DoveLlava(lmms):
                         continue
                     visual = int(answer.visual_tokens)
                     if sample.prompt_tokens - 1 + visual > self._context_len:
-                        sample.error = (f"the prompt ({sample.prompt_tokens - 1} text + {visual} visual tokens) "
-                                        f"exceeds the LLM's maximum length of {self._context_len}")
+                        sample.error = (
+                            f"the prompt ({sample.prompt_tokens - 1} text + {visual} visual tokens) "
+                            f"exceeds the LLM's maximum length of {self._context_len}"
+                        )
                         continue
                     text = _cut(answer.text, until)
                     output_tokens = getattr(answer, "generated_tokens", None)
@@ -258,18 +274,28 @@ class DoveLlava(lmms):
                         output_tokens = len(self.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
                     answered += 1
                     generated += output_tokens
-                    results[sample.index] = GenerationResult(text, VisualTokenCounts(
-                        input_tokens=sample.prompt_tokens - 1 + visual, output_tokens=output_tokens,
-                        visual_tokens=visual))
+                    results[sample.index] = GenerationResult(
+                        text,
+                        VisualTokenCounts(
+                            input_tokens=sample.prompt_tokens - 1 + visual,
+                            output_tokens=output_tokens,
+                            visual_tokens=visual,
+                        ),
+                    )
                 for sample in chunk:
                     if results[sample.index] is None:
-                        eval_logger.warning(f"dove_llava: {_describe(requests[sample.index])} not answered: {sample.error}")
+                        eval_logger.warning(
+                            f"dove_llava: {_describe(requests[sample.index])} not answered: {sample.error}"
+                        )
                         results[sample.index] = GenerationResult("", VisualTokenCounts(error=sample.error))
         self._raise_if_nothing_ran(len(requests), answered, model_errors)
         if answered:
-            log_metrics(total_elapsed_time=model_seconds, total_gen_tokens=generated,
-                        avg_speed=generated / model_seconds if model_seconds > 0 else 0.0,
-                        additional_metrics={"total_requests": answered})
+            log_metrics(
+                total_elapsed_time=model_seconds,
+                total_gen_tokens=generated,
+                avg_speed=generated / model_seconds if model_seconds > 0 else 0.0,
+                additional_metrics={"total_requests": answered},
+            )
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -292,7 +318,7 @@ class DoveLlava(lmms):
             continuation_lengths = {
                 i: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for i, text in continuations.items()
             }
-            scores = self._run(runnable, lambda batch: self._score(batch, continuations), model_errors)
+            scores = self._run(runnable, functools.partial(self._score, continuations=continuations), model_errors)
             for sample, score in zip(runnable, scores):
                 if isinstance(score, Exception):
                     sample.error = f"{type(score).__name__}: {score}"
@@ -303,12 +329,15 @@ class DoveLlava(lmms):
                     sample.error = f"prompt and continuation ({total} tokens) exceed the LLM's maximum length of {self._context_len}"
                     continue
                 scored += 1
-                results[sample.index] = GenerationResult((-float(logprob), bool(is_greedy)),
-                                                         VisualTokenCounts(visual_tokens=visual))
+                results[sample.index] = GenerationResult(
+                    (-float(logprob), bool(is_greedy)), VisualTokenCounts(visual_tokens=visual)
+                )
             for sample in chunk:
                 if results[sample.index] is None:
                     eval_logger.warning(f"dove_llava: {_describe(requests[sample.index])} not scored: {sample.error}")
-                    results[sample.index] = GenerationResult((float("inf"), False), VisualTokenCounts(error=sample.error))
+                    results[sample.index] = GenerationResult(
+                        (float("inf"), False), VisualTokenCounts(error=sample.error)
+                    )
         self._raise_if_nothing_ran(len(requests), scored, model_errors)
         return results
 
@@ -329,7 +358,7 @@ class DoveLlava(lmms):
             return sample
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        except Exception as err:  # any task's doc_to_visual: its failure is this sample's only
+        except Exception as err:  # noqa: BLE001 - any task's doc_to_visual; its failure is this sample's only
             sample.error = f"image: {type(err).__name__}: {err}"
             return sample
         images = [v for v in (visuals or []) if v is not None]
@@ -339,23 +368,52 @@ class DoveLlava(lmms):
         if len(images) > 1:
             eval_logger.warning(f"dove_llava: {_describe(request)} has {len(images)} images; using the first")
         image = images[0]
-        if not isinstance(image, (Image.Image, str, os.PathLike)):
+        if isinstance(image, (str, os.PathLike)):
+            try:  # a file is read now, so a missing one is this sample's input error, not a model failure
+                image = load_image(image)
+            except ImageLoadError as err:
+                sample.error = f"image: {err}"
+                return sample
+        if not isinstance(image, Image.Image):
             sample.error = f"image: unsupported visual type {type(image).__name__} (images only)"
             return sample
         sample.image = image
         template = getattr(self.model.config, "conversation_template", "auto")
         sample.prompt_tokens = len(tokenize_generation_prompt(sample.prompt, self.tokenizer, template))
         if sample.prompt_tokens - 1 >= self._context_len:
-            sample.error = (f"the prompt alone is {sample.prompt_tokens - 1} text tokens, not less than the LLM's "
-                            f"maximum length of {self._context_len}")
+            sample.error = (
+                f"the prompt alone is {sample.prompt_tokens - 1} text tokens, not less than the LLM's "
+                f"maximum length of {self._context_len}"
+            )
         return sample
+
+    def _answer(self, batch: list[_Sample], max_new_tokens: int, generation: dict[str, Any]) -> list:
+        return answer_questions(
+            self.model,
+            self.tokenizer,
+            [s.image for s in batch],
+            [s.prompt for s in batch],
+            use_query=self.use_query,
+            budget=self.budget,
+            threshold=self.threshold,
+            max_new_tokens=max_new_tokens,
+            batch_size=len(batch),
+            **_queries_argument(answer_questions, batch, self.use_query),
+            **generation,
+        )
 
     def _score(self, batch: list[_Sample], continuations: dict[int, str]) -> list[tuple[tuple[float, bool], int]]:
         """score_continuations on one batch, each score paired with its image's visual token count."""
         scores = score_continuations(
-            self.model, self.tokenizer, [s.image for s in batch], [s.prompt for s in batch],
-            [continuations[s.index] for s in batch], use_query=self.use_query, budget=self.budget,
-            threshold=self.threshold, batch_size=len(batch),
+            self.model,
+            self.tokenizer,
+            [s.image for s in batch],
+            [s.prompt for s in batch],
+            [continuations[s.index] for s in batch],
+            use_query=self.use_query,
+            budget=self.budget,
+            threshold=self.threshold,
+            batch_size=len(batch),
             **_queries_argument(score_continuations, batch, self.use_query),
         )
         return list(zip(scores, [int(n) for n in self.model.last_visual_lengths]))
@@ -369,7 +427,7 @@ class DoveLlava(lmms):
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=TruncationWarning)  # checked per sample, reported as its error
                 return list(call(batch))
-        except Exception as batch_error:  # isolate the culprit below
+        except Exception as batch_error:  # noqa: BLE001 - isolate the culprit below; one sample's error is logged
             if len(batch) == 1:
                 errors.append(f"{type(batch_error).__name__}: {batch_error}")
                 return [batch_error]
@@ -444,7 +502,7 @@ def _parse_threshold(value: Any) -> float | None:
 
 def _parse_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"dove_llava: {name} must be a positive integer, got {value!r}")
+        raise TypeError(f"dove_llava: {name} must be a positive integer, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -458,7 +516,7 @@ def _default_device(device: str | None) -> str:
     if device:
         return str(device)
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return f"cuda:{local_rank}"
     return "cpu"
 

@@ -253,7 +253,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
             )
             if not points:
                 continue
-            xs, ys, labels = zip(*points)
+            xs, ys, _ = zip(*points)
             axis.plot(xs, ys, style, label=f"query {query}")
             for x, y, label in points:
                 axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -90,7 +90,9 @@ def _absolute_image_paths(table: pa.Table, images_dir: Path) -> pa.Table:
     prefix = pa.scalar(f"{images_dir}{os.sep}")
     relative = pc.invert(pc.or_kleene(pc.starts_with(paths, os.sep), pc.is_null(paths)))
     joined = pc.if_else(relative, pc.binary_join_element_wise(prefix, paths, ""), paths)
-    rebuilt = pa.StructArray.from_arrays([column.field("bytes"), joined], names=["bytes", "path"], mask=column.is_null())
+    rebuilt = pa.StructArray.from_arrays(
+        [column.field("bytes"), joined], names=["bytes", "path"], mask=column.is_null()
+    )
     return table.set_column(table.column_names.index("image"), "image", rebuilt)
 
 
