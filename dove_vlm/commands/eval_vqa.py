@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--include-path",
         action="append",
         default=None,
-        help="extra lmms-eval task folder (repeatable); default: this checkout's eval/tasks",
+        help="lmms-eval task folder (repeatable; default: this checkout's eval/tasks)",
     )
     parser.add_argument(
         "--shapes-dir", default=None, help=f"make-shapes output for the shapes tasks (default: ${SHAPES_DIR_ENV})"
