@@ -99,13 +99,36 @@ def parse_turns(conversations: Any, sample_id: Any = None) -> list[Turn]:
     return turns
 
 
+# Answer-format instructions that VQA prompts append (LLaVA-1.5's training data, lmms-eval's tasks). The
+# LLM reads them; the tower's query does not: Q-DOVE conditions on what is asked about the image, and
+# training and evaluation must derive the query by the same rule.
+INSTRUCTION_SUFFIXES = (
+    "Answer the question using a single word or phrase.",
+    "Please answer yes or no.",
+    "Answer with the option's letter from the given choices directly.",
+)
+
+
 def conversation_query(conversations: Any, sample_id: Any = None) -> str:
-    """The tower's query: the first human turn (the one the image belongs to), placeholders removed.
+    """The tower's query: the first human turn (the one the image belongs to), as `tower_query` cleans it.
 
     Built only from human text, so no answer can leak into the visual tokens.
     """
     turns = parse_turns(conversations, sample_id)
-    return strip_image_tokens(turns[0].text)
+    return tower_query(turns[0].text)
+
+
+def tower_query(text: str) -> str:
+    """A prompt reduced to its question: image placeholders and trailing answer-format instructions removed."""
+    text = strip_image_tokens(text)
+    changed = True
+    while changed:
+        changed = False
+        for suffix in INSTRUCTION_SUFFIXES:
+            if text.endswith(suffix):
+                text = text[: -len(suffix)].rstrip()
+                changed = True
+    return text
 
 
 def strip_image_tokens(text: str) -> str:

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from tokenizer.hub import resolve_pretrained_dir
 
 from .constants import IGNORE_INDEX
-from .conversation import strip_image_tokens, tokenize_generation_prompt
+from .conversation import tokenize_generation_prompt, tower_query
 from .modeling import DoveLlavaForCausalLM
 
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
@@ -31,6 +31,7 @@ ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 class Answer:
     text: str
     visual_tokens: int
+    generated_tokens: int = 0
 
 
 def load_pretrained_model(
@@ -67,10 +68,14 @@ def answer_questions(
     max_new_tokens: int = 16,
     batch_size: int = 8,
     template: str | None = None,
+    queries: Sequence[str | None] | None = None,
     **generation_kwargs: Any,
 ) -> list[Answer]:
-    """One answer per (image, question), greedy unless `generation_kwargs` say otherwise."""
-    _check_lengths(images=images, questions=questions)
+    """One answer per (image, question), greedy unless `generation_kwargs` say otherwise.
+
+    `queries` (one per question) replace the question as the tower's query, e.g. the question without
+    a benchmark's answer-format instruction."""
+    _check_lengths(images=images, questions=questions, **({"queries": queries} if queries is not None else {}))
     template = template or model.config.conversation_template
     generation_kwargs.setdefault("do_sample", False)
     generation_kwargs.setdefault("pad_token_id", _pad_id(tokenizer))
@@ -81,20 +86,21 @@ def answer_questions(
         pixels = _pixels(model, images[chunk])
         prompts = [tokenize_generation_prompt(q, tokenizer, template, has_image=True) for q in questions[chunk]]
         input_ids, attention_mask = _pad(prompts, _pad_id(tokenizer), side="left")
-        queries = [strip_image_tokens(q) for q in questions[chunk]] if use_query else None
+        tower_queries = _tower_queries(questions[chunk], queries[chunk] if queries is not None else None, use_query)
         with torch.no_grad():
             new_tokens = model.generate(
                 input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 images=pixels,
-                queries=queries,
+                queries=tower_queries,
                 budget=budget,
                 threshold=threshold,
                 max_new_tokens=max_new_tokens,
                 **generation_kwargs,
             )
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        answers += [Answer(t.strip(), n) for t, n in zip(texts, model.last_visual_lengths)]
+        counts = _generated_counts(new_tokens, generation_kwargs["eos_token_id"])
+        answers += [Answer(t.strip(), n, c) for t, n, c in zip(texts, model.last_visual_lengths, counts)]
     return answers
 
 
@@ -109,11 +115,13 @@ def score_continuations(
     threshold: float | None = None,
     batch_size: int = 8,
     template: str | None = None,
+    queries: Sequence[str | None] | None = None,
 ) -> list[tuple[float, bool]]:
     """For each (image, context, continuation): (sum of the continuation's token log-probs, whether greedy
     decoding would produce exactly it). The context is the question; the continuation follows the
     generation prompt as an answer would."""
-    _check_lengths(images=images, contexts=contexts, continuations=continuations)
+    _check_lengths(images=images, contexts=contexts, continuations=continuations,
+                   **({"queries": queries} if queries is not None else {}))
     template = template or model.config.conversation_template
     results: list[tuple[float, bool]] = []
     for start in range(0, len(contexts), batch_size):
@@ -128,14 +136,14 @@ def score_continuations(
             row_labels.append([IGNORE_INDEX] * len(prompt) + answer)
         input_ids, attention_mask = _pad(rows, _pad_id(tokenizer), side="right")
         labels, _ = _pad(row_labels, IGNORE_INDEX, side="right")
-        queries = [strip_image_tokens(c) for c in contexts[chunk]] if use_query else None
+        tower_queries = _tower_queries(contexts[chunk], queries[chunk] if queries is not None else None, use_query)
         with torch.no_grad():
             out = model(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 labels=labels.to(model.device),
                 images=_pixels(model, images[chunk]),
-                queries=queries,
+                queries=tower_queries,
                 budget=budget,
                 threshold=threshold,
             )
@@ -149,6 +157,23 @@ def score_continuations(
             mask = scored[row]
             results.append((float(picked[row][mask].sum()), bool(greedy[row][mask].all())))
     return results
+
+
+def _tower_queries(
+    texts: Sequence[str], queries: Sequence[str | None] | None, use_query: bool
+) -> list[str | None] | None:
+    """The tower's queries: the given ones, else the question texts as `tower_query` cleans them; None when off."""
+    if not use_query:
+        return None
+    return list(queries) if queries is not None else [tower_query(t) for t in texts]
+
+
+def _generated_counts(new_tokens: torch.Tensor, eos_token_id: Any) -> list[int]:
+    """New tokens per row up to and including the first EOS (the rest is padding)."""
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    is_eos = torch.isin(new_tokens.cpu(), eos_ids)
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long))
+    return [int(n) for n in first]
 
 
 def _check_lengths(**lists: Sequence[Any]) -> None:

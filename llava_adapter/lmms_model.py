@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 import json
 import os
 import time
@@ -45,17 +44,9 @@ from PIL import Image
 
 from tokenizer.image_processing import ImageLoadError, load_image
 
-from .conversation import tokenize_generation_prompt
+from .conversation import tokenize_generation_prompt, tower_query
 from .inference import answer_questions, load_pretrained_model, score_continuations
 from .modeling import TruncationWarning
-
-# Instructions lmms-eval tasks append to the question. The LLM sees them; the tower's query does not,
-# because Q-DOVE conditions on what is asked about the image, and training queries carry no instructions.
-INSTRUCTION_SUFFIXES = (
-    "Answer the question using a single word or phrase.",
-    "Please answer yes or no.",
-    "Answer with the option's letter from the given choices directly.",
-)
 
 # Generation settings passed on to `generate`; other task keys (LLaVA's image_aspect_ratio ...) mean
 # nothing to this model and are dropped.
@@ -352,7 +343,7 @@ class DoveLlava(lmms):
     def _prepare(self, index: int, request: Instance) -> _Sample:
         """Everything about one request that can fail on its own input, checked before the model runs."""
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
-        sample = _Sample(index=index, prompt=str(context), query=question_of(str(context)))
+        sample = _Sample(index=index, prompt=str(context), query=tower_query(str(context)))
         if not sample.query:
             sample.error = "empty question"
             return sample
@@ -398,7 +389,7 @@ class DoveLlava(lmms):
             threshold=self.threshold,
             max_new_tokens=max_new_tokens,
             batch_size=len(batch),
-            **_queries_argument(answer_questions, batch, self.use_query),
+            queries=[s.query for s in batch] if self.use_query else None,
             **generation,
         )
 
@@ -414,7 +405,7 @@ class DoveLlava(lmms):
             budget=self.budget,
             threshold=self.threshold,
             batch_size=len(batch),
-            **_queries_argument(score_continuations, batch, self.use_query),
+            queries=[s.query for s in batch] if self.use_query else None,
         )
         return list(zip(scores, [int(n) for n in self.model.last_visual_lengths]))
 
@@ -444,30 +435,6 @@ class DoveLlava(lmms):
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-
-
-def _queries_argument(function: Callable, batch: Sequence[_Sample], use_query: bool) -> dict[str, Any]:
-    """The tower queries without lmms-eval's instructions, for an inference function that accepts them.
-
-    Without a `queries` parameter the inference function derives the query from the whole prompt, the
-    standard instruction included.
-    """
-    if use_query and "queries" in inspect.signature(function).parameters:
-        return {"queries": [s.query for s in batch]}
-    return {}
-
-
-def question_of(context: str) -> str:
-    """The question inside an lmms-eval prompt: the text without a trailing standard instruction."""
-    text = context.strip()
-    changed = True
-    while changed:
-        changed = False
-        for suffix in INSTRUCTION_SUFFIXES:
-            if text.endswith(suffix):
-                text = text[: -len(suffix)].rstrip()
-                changed = True
-    return text
 
 
 def _parse_bool(name: str, value: Any) -> bool:

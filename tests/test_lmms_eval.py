@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import inspect
 import json
 import math
 import os
@@ -27,7 +26,6 @@ from PIL import Image
 
 from dove_vlm.shapes import make_shapes
 from llava_adapter import DoveLlavaForCausalLM
-from llava_adapter.conversation import strip_image_tokens
 from llava_adapter.inference import answer_questions
 from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
@@ -185,10 +183,7 @@ def test_query_on_and_off_record_different_token_counts(vlm_dir, shapes_env, tas
     records = test_records[:LIMIT]
     tower = off_model.model.vision_tower
     pixels = tower.image_processor.to_tensor([shapes_env / "images" / f"{r['image_id']}.png" for r in records])
-    if "queries" in inspect.signature(answer_questions).parameters:  # the question alone
-        queries = [r["question"] for r in records]
-    else:  # the inference API derives the query from the whole prompt
-        queries = [strip_image_tokens(r["question"] + SHORT_ANSWER_SUFFIX) for r in records]
+    queries = [r["question"] for r in records]  # the question alone, without the answer-format instruction
     with torch.no_grad():
         tower(pixels)
         assert off_counts == tower.last_lengths.tolist()
@@ -327,12 +322,17 @@ def test_clean_releases_the_weights_and_the_next_request_reloads_them(vlm_dir, p
 
 
 def test_the_tower_query_is_the_question_without_standard_instructions():
-    from llava_adapter.lmms_model import question_of
+    from llava_adapter.conversation import conversation_query
+    from llava_adapter.conversation import tower_query as question_of
 
     assert question_of("Is there a dog? Please answer yes or no." + SHORT_ANSWER_SUFFIX) == "Is there a dog?"
     assert question_of("What colour is the circle?" + SHORT_ANSWER_SUFFIX) == "What colour is the circle?"
     assert question_of("Describe the scene.") == "Describe the scene."
     assert question_of(SHORT_ANSWER_SUFFIX) == ""
+    # Training derives the query by the same rule from a LLaVA conversation.
+    turns = [{"from": "human", "value": "<image>\nWhat colour is the circle?" + SHORT_ANSWER_SUFFIX},
+             {"from": "gpt", "value": "red"}]
+    assert conversation_query(turns) == "What colour is the circle?"
 
 
 def test_multi_round_requests_are_refused_clearly(vlm_dir):
