@@ -10,7 +10,8 @@ A record without `"image"` is a text-only sample. Every record is checked when t
 stops the run before the first step, with its id in the message, instead of crashing some rank hours
 in. Tokenization and image decoding stay lazy, per item.
 
-The Q-DOVE query of an image sample is its first human turn with the placeholder removed: the question,
+The Q-DOVE query of an image sample is its first human turn as `conversation.tower_query` reduces it
+(placeholder and answer-format instructions removed), the same rule evaluation uses: the question,
 never an answer.
 """
 
@@ -31,7 +32,14 @@ from transformers import PreTrainedTokenizerBase
 from tokenizer import DoveImageProcessor, ImageLoadError, load_image
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
-from .conversation import ConversationError, parse_turns, resolve_template, strip_image_tokens, tokenize_conversation
+from .conversation import (
+    ConversationError,
+    parse_turns,
+    resolve_template,
+    strip_image_tokens,
+    tokenize_conversation,
+    tower_query,
+)
 
 
 class LlavaDataError(ValueError):
@@ -108,7 +116,7 @@ def validate_record(raw: Any, index: int, image_folder: Path | None, source: Pat
     image_path = image_folder / image_name
     if not image_path.is_file():
         raise LlavaDataError(f"{where}: image file not found: {image_path}")
-    query = strip_image_tokens(turns[0].text) or None
+    query = tower_query(turns[0].text) or None
     return LlavaRecord(index, sample_id, list(raw["conversations"]), image_path, query)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from tokenizer.hub import resolve_pretrained_dir
@@ -338,8 +338,10 @@ def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
     )
 
 
-def finetune(args: FinetuneArguments) -> FinetuneResult:
-    """Run one stage and save the model (config, tower, projector, LLM or adapter, tokenizer) to `output_dir`."""
+def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ()) -> FinetuneResult:
+    """Run one stage and save the model (config, tower, projector, LLM or adapter, tokenizer) to `output_dir`.
+
+    `callbacks` go to the Trainer (progress reporting, measurements)."""
     # A DeepSpeed config left active by an earlier run in this process would make `from_pretrained`
     # partition the LLM while it loads (ZeRO-3); this stage builds its model unpartitioned (module doc).
     unset_hf_deepspeed_config()
@@ -387,6 +389,7 @@ def finetune(args: FinetuneArguments) -> FinetuneResult:
         sample_lengths=lengths,
         projector_lr=args.projector_lr if args.stage == 2 else None,
         save_llm=save_llm,
+        callbacks=list(callbacks) or None,
     )
     try:
         trainer.train()

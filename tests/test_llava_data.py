@@ -10,6 +10,7 @@ from llava_workspace import build_workspace
 from transformers import AutoTokenizer
 
 from llava_adapter import IGNORE_INDEX, DoveLlavaForCausalLM, add_image_token
+from llava_adapter.conversation import tower_query
 from llava_adapter.data import LlavaCollator, LlavaConversationDataset, LlavaDataError, pad_token_id
 from tokenizer import DoveImageProcessor
 
@@ -62,9 +63,10 @@ def test_items_hold_ids_labels_pixels_and_the_question_as_query(workspace, token
         assert tokenizer.decode(targets, skip_special_tokens=True).strip() == answer
         assert item["pixel_values"].shape == (3, 64, 64)
         assert 0.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
-        # The query is the human turn without the placeholder: never the answer turn.
-        assert item["query"] == " ".join(human.replace("<image>", " ").split())
-        assert "<image>" not in item["query"]
+        # The query is the human turn's question (no placeholder, no answer-format instruction), never the answer.
+        assert item["query"] == tower_query(human)
+        assert "<image>" not in item["query"] and item["query"] in " ".join(human.split())
+        assert "single word" not in item["query"]
 
 
 def test_plain_template_keeps_only_image_and_answer(workspace, tokenizer, processor):
