@@ -151,6 +151,31 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def init_codebook_from_data(tokenizer: DoveTokenizer, pixels: torch.Tensor, seed: int) -> int:
+    """Reset the VQ codebook to randomly chosen encoder outputs of real images; returns the number of codes.
+
+    A freshly initialised diffusers VQ draws its codes from U(-1/K, 1/K): every quantised latent is then
+    nearly zero, the generator sees almost nothing of the image, and a from-scratch run spends most of
+    its steps waiting for the codebook to grow. Codes taken from the data (the usual data-dependent VQ
+    initialisation) carry the encoder's features at their own scale from the first step. Meant for VQs
+    trained from scratch; a pretrained VQ keeps its codebook.
+    """
+    model = tokenizer.vq.model
+    hidden = model.quant_conv(model.encoder(pixels.float().to(tokenizer.vq.device)))
+    vectors = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
+    codebook = model.quantize.embedding.weight
+    generator = torch.Generator().manual_seed(seed)
+    if vectors.shape[0] >= codebook.shape[0]:
+        chosen = vectors[torch.randperm(vectors.shape[0], generator=generator)[: codebook.shape[0]]]
+    else:
+        picks = torch.randint(vectors.shape[0], (codebook.shape[0],), generator=generator)
+        noise = torch.randn(codebook.shape, generator=generator) * vectors.std() * 0.01
+        chosen = vectors[picks] + noise.to(vectors.device)
+    codebook.copy_(chosen.to(codebook.dtype))
+    return codebook.shape[0]
+
+
 def last_trainable_layer(tokenizer: DoveTokenizer) -> torch.Tensor:
     """The weight the adaptive adversarial weight balances gradients at: the last layer before the pixels
     that trains (the VQ decoder's output conv, or the token decoder's output projection when the VQ is frozen)."""
@@ -205,6 +230,9 @@ class TokenizerTrainer:
         tokenizer = build_tokenizer(setup.model)
         if config.freeze_vq:
             tokenizer.vq.requires_grad_(False)
+        elif config.freeze_vq_encoder:
+            for part in (tokenizer.vq.model.encoder, tokenizer.vq.model.quant_conv, tokenizer.vq.model.quantize):
+                part.requires_grad_(False)
         self.tokenizer = tokenizer
         self.dataset = build_dataset(
             data, annotations, image_size=tokenizer.config.image_size, strict=strict, **(dataset_kwargs or {})
@@ -255,6 +283,10 @@ class TokenizerTrainer:
         self.resumed_from: Path | None = None
 
         checkpoint = self._find_checkpoint(resume)
+        if checkpoint is None and config.codebook_init_images > 0:
+            images = self._first_images(config.codebook_init_images)
+            if images is not None:
+                init_codebook_from_data(tokenizer, images, config.seed)
         if checkpoint is not None:  # weights before prepare(), so DDP broadcasts the restored ones
             tokenizer.load_weights(checkpoint.model_dir / WEIGHTS_NAME)
             if checkpoint.discriminator:
@@ -391,7 +423,7 @@ class TokenizerTrainer:
                 latent = F.mse_loss(out["latents"].float(), out["target_latents"].detach().float())
                 total = total + config.latent_weight * latent
                 logs["loss/latent"] = latent.item()
-            if config.codebook_weight > 0 and not config.freeze_vq:
+            if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
                 total = total + config.codebook_weight * out["codebook_loss"]
                 logs["loss/codebook"] = float(out["codebook_loss"].item())
             if adversarial:
@@ -530,17 +562,22 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ pictures
 
+    def _first_images(self, count: int) -> torch.Tensor | None:
+        """The first `count` readable images in dataset order (distinct sources): fixed, and no RNG drawn."""
+        images, seen = [], set()
+        for index in range(len(self.dataset)):
+            item = self.dataset[index]
+            if isinstance(item, dict) and item["source"] not in seen:
+                seen.add(item["source"])
+                images.append(item["pixels"])
+            if len(images) == count:
+                break
+        return torch.stack(images) if images else None
+
     def _grid_examples(self) -> torch.Tensor | None:
         if not self.config.grid_every or not self.config.grid_images:
             return None
-        images = []
-        for index in range(len(self.dataset)):
-            item = self.dataset[index]
-            if isinstance(item, dict):
-                images.append(item["pixels"])
-            if len(images) == self.config.grid_images:
-                break
-        return torch.stack(images) if images else None
+        return self._first_images(self.config.grid_images)
 
     def save_grid(self) -> Path | None:
         """Inputs and reconstructions of fixed examples at `grid_budgets` and the automatic length. Draws no

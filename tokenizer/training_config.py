@@ -48,6 +48,7 @@ class TrainConfig:
     lr_decoder: float = 3e-4
     lr_discriminator: float = 1e-4
     freeze_vq: bool = False
+    freeze_vq_encoder: bool = False  # keep the VQ encoder and codebook fixed, train its decoder
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -58,6 +59,7 @@ class TrainConfig:
     perceptual_weights: str | None = None  # VGG16 weights (path or hub id); required when perceptual_weight > 0
     latent_weight: float = 0.0  # MSE between decoded latents and the VQ's own latents of the input
     codebook_weight: float = 1.0  # the VQ's codebook + commitment loss; used only while the VQ trains
+    codebook_init_images: int = 0  # > 0: reset the VQ codebook to encoder outputs of this many images (from scratch)
     region_lambda: float = 0.1  # Q-DOVE: weight of pixels outside the query's boxes
     query_drop_prob: float = 0.5
     # adversarial
@@ -93,7 +95,7 @@ class TrainConfig:
             "warmup_steps", "num_workers", "weight_decay", "max_grad_norm", "mse_weight", "perceptual_weight",
             "latent_weight", "codebook_weight", "adversarial_weight", "adversarial_start_step",
             "length_weight_start", "length_weight_max", "length_ramp_steps", "grid_every", "grid_images",
-            "checkpoint_every", "keep_checkpoints", "torch_threads",
+            "checkpoint_every", "keep_checkpoints", "torch_threads", "codebook_init_images",
             "lr_vq", "lr_generator", "lr_decoder", "lr_discriminator",
         )  # fmt: skip
         for name in non_negative:
