@@ -96,6 +96,7 @@ class FinetuneArguments:
     seed: int = 0
     report_to: list[str] = field(default_factory=list)
     save_llm: bool | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -308,6 +309,16 @@ def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
     return config
 
 
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` the Trainer wrote in `output_dir`, or None to start afresh."""
+    steps = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), path))
+    return str(max(steps)[1]) if steps else None
+
+
 def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     ds_config = deepspeed_config(args.deepspeed, args.bf16) if args.deepspeed else None
@@ -392,7 +403,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         callbacks=list(callbacks) or None,
     )
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if args.resume else None)
         if args.stage == 2:
             model.config.conversation_template = template  # what generation should reproduce
         trainer.save_model(args.output_dir)

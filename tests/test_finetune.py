@@ -293,11 +293,17 @@ engine.eval()
 with torch.no_grad():
     logits = engine(**batch).logits
 save_file({"logits": logits.float().contiguous()}, config["logits"])
+
+# Interrupted after one epoch (checkpoint written), then resumed from the DeepSpeed checkpoint.
+finetune(FinetuneArguments(**config["stage2_interrupted"]))
+resumed = finetune(FinetuneArguments(**config["stage2_resumed"]))
+with open(config["resumed_losses"], "w") as handle:
+    json.dump(resumed.losses, handle)
 """
 
 
 @pytest.mark.slow
-def test_zero3_stage1_then_stage2_lora_under_torchrun(workspace, tokenizer, tmp_path):
+def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(workspace, tokenizer, tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     zero3 = str(REPO / "scripts" / "zero3.json")
     config = {
@@ -305,7 +311,12 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun(workspace, tokenizer, tmp_
                              tower=str(workspace.tower_dir), deepspeed=zero3),
         "stage2": stage_args(workspace, tmp_path, 2, stage2, model=str(stage1), deepspeed=zero3),
         "logits": str(tmp_path / "engine_logits.safetensors"),
+        "resumed_losses": str(tmp_path / "resumed_losses.json"),
     }
+    steps_per_epoch = TRAIN_SAMPLES // BATCH
+    interrupted = dict(config["stage2"], output_dir=str(tmp_path / "interrupted"), save_steps=steps_per_epoch)
+    config["stage2_interrupted"] = dict(interrupted, max_steps=steps_per_epoch)
+    config["stage2_resumed"] = dict(interrupted, resume=True)
     driver = tmp_path / "driver.py"
     driver.write_text(ZERO3_DRIVER)
     run_launcher(["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver),
@@ -319,3 +330,7 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun(workspace, tokenizer, tmp_
     engine_logits = load_file(config["logits"])["logits"]
     batch = fixed_batch(workspace, tokenizer, template=reloaded.config.conversation_template)
     torch.testing.assert_close(logits_of(reloaded, batch), engine_logits, rtol=0, atol=1e-5)
+
+    # Resuming reproduces the uninterrupted run step for step (same sampler order, optimizer state).
+    resumed = json.loads(Path(config["resumed_losses"]).read_text())
+    assert resumed == pytest.approx(logged_losses(stage2), rel=1e-5)

@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="bf16 mixed precision (autocast; the VQ stays fp32)")
     train.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. scripts/zero2.json")
     train.add_argument("--save-steps", type=int, help="also write a resumable checkpoint every N steps")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint-<step> in --output (if there is one)")
     train.add_argument("--logging-steps", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")
