@@ -135,7 +135,7 @@ class FinetuneResult:
 
 def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTrainedTokenizerBase]:
     """The starting model and its LLM tokenizer (which learns `<image>` if it did not know it)."""
-    dtype = torch.bfloat16 if args.bf16 and not args.deepspeed and torch.cuda.is_available() else torch.float32
+    dtype = torch.float32  # bf16 is autocast over fp32 weights (module doc), with or without DeepSpeed
     if args.model is not None:
         directory = resolve_pretrained_dir(args.model)
         model = DoveLlavaForCausalLM.from_pretrained(directory, dtype=dtype, is_trainable=True)
