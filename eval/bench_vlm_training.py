@@ -68,8 +68,9 @@ def prepare(workdir: Path, n_images: int, llm_hidden: int, llm_layers: int, seed
         torch.manual_seed(seed)
         tower = DoveTokenizer.from_preset("dove-tiny").eval()
         sample = records[:32]
-        pixels = torch.cat([tower.image_processor.preprocess(str(shapes / "images" / r["image"]))["pixel_values"]
-                            for r in sample])
+        pixels = torch.cat(
+            [tower.image_processor.preprocess(str(shapes / "images" / r["image"]))["pixel_values"] for r in sample]
+        )
         queries = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in sample]
         calibrate_eos_head(tower, pixels, queries, seed=seed)
         tower.save_pretrained(tower_dir)
@@ -87,13 +88,16 @@ def bench_padding(paths: dict[str, Path], workdir: Path, batch_sizes: list[int])
     visual, _, _ = cached_visual_lengths(tower, dataset, workdir / "cache")
     text = [dataset[i]["input_ids"].shape[0] for i in range(len(dataset))]
     lengths = expanded_lengths(text, visual)
-    print(f"\npadding: {len(dataset)} samples; visual tokens min/mean/max {min(visual)}/"
-          f"{statistics.mean(visual):.1f}/{max(visual)}; text tokens mean {statistics.mean(text):.1f}")
+    print(
+        f"\npadding: {len(dataset)} samples; visual tokens min/mean/max {min(visual)}/"
+        f"{statistics.mean(visual):.1f}/{max(visual)}; text tokens mean {statistics.mean(text):.1f}"
+    )
     rows = []
     for batch in batch_sizes:
         shuffled = statistics.mean(
-            padding_share(torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist(),
-                          lengths, batch)
+            padding_share(
+                torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist(), lengths, batch
+            )
             for s in range(5)
         )
         by_text = padding_share(list(VisualLengthGroupedSampler(text, batch)), lengths, batch)
@@ -101,8 +105,10 @@ def bench_padding(paths: dict[str, Path], workdir: Path, batch_sizes: list[int])
         rows.append({"batch": batch, "random": shuffled, "text_grouped": by_text, "visual_grouped": by_visual})
     print(f"{'batch':>6} {'random':>9} {'by text':>9} {'by text+visual':>15} {'random / grouped':>17}")
     for row in rows:
-        print(f"{row['batch']:>6} {row['random']:>9.1%} {row['text_grouped']:>9.1%} {row['visual_grouped']:>15.1%} "
-              f"{row['random'] / max(row['visual_grouped'], 1e-9):>16.1f}x")
+        print(
+            f"{row['batch']:>6} {row['random']:>9.1%} {row['text_grouped']:>9.1%} {row['visual_grouped']:>15.1%} "
+            f"{row['random'] / max(row['visual_grouped'], 1e-9):>16.1f}x"
+        )
     return rows
 
 
@@ -163,11 +169,18 @@ def _free_port() -> int:
 
 
 def bench_memory(paths: dict[str, Path], workdir: Path, steps: int, batch: int) -> dict[str, dict]:
-    common = dict(
-        stage=2, llm=str(paths["llm"]), tower=str(paths["tower"]), data=str(paths["data"]),
-        image_folder=str(paths["images"]), max_steps=steps, per_device_train_batch_size=batch,
-        learning_rate=1e-4, visual_length_cache=str(workdir / "cache"), logging_steps=1,
-    )
+    common = {
+        "stage": 2,
+        "llm": str(paths["llm"]),
+        "tower": str(paths["tower"]),
+        "data": str(paths["data"]),
+        "image_folder": str(paths["images"]),
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "learning_rate": 1e-4,
+        "visual_length_cache": str(workdir / "cache"),
+        "logging_steps": 1,
+    }
     zero2 = str(REPO / "scripts" / "zero2.json")
     configs = {
         "full": dict(common),
@@ -183,24 +196,37 @@ def bench_memory(paths: dict[str, Path], workdir: Path, steps: int, batch: int) 
         args = dict(args, output_dir=str(workdir / "runs" / slug))
         config = {"args": args, "report": str(workdir / "runs" / f"{slug}.json")}
         Path(config["report"]).parent.mkdir(parents=True, exist_ok=True)
-        launcher = (["torchrun", "--nproc_per_node", "1", "--master_port", str(_free_port())]
-                    if "deepspeed" in args else [sys.executable])
-        done = subprocess.run([*launcher, __file__, "--worker", json.dumps(config)], env=env, cwd=REPO,
-                              capture_output=True, text=True)
+        launcher = (
+            ["torchrun", "--nproc_per_node", "1", "--master_port", str(_free_port())]
+            if "deepspeed" in args
+            else [sys.executable]
+        )
+        done = subprocess.run(
+            [*launcher, __file__, "--worker", json.dumps(config)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
         results[name] = json.loads(Path(config["report"]).read_text())
     print(f"\nmemory: stage 2, {steps} steps of batch {batch}")
-    print(f"{'run':>15} {'trainable':>11} {'at load MiB':>12} {'peak MiB':>9} {'training MiB':>13}"
-          + (f" {'cuda peak MiB':>14}" if torch.cuda.is_available() else ""))
+    print(
+        f"{'run':>15} {'trainable':>11} {'at load MiB':>12} {'peak MiB':>9} {'training MiB':>13}"
+        + (f" {'cuda peak MiB':>14}" if torch.cuda.is_available() else "")
+    )
     for name, r in results.items():
         line = f"{name:>15} {r['trainable']:>11,} {r['at_load_mib']:>12.0f} {r['peak_mib']:>9.0f} {r['training_mib']:>13.0f}"
         if "cuda_peak_mib" in r:
             line += f" {r['cuda_peak_mib']:>14.0f}"
         print(line)
     full, lora = results["full"], results["LoRA + ZeRO-2"]
-    print(f"training memory, LoRA + ZeRO-2 / full: {lora['training_mib'] / full['training_mib']:.2f}; "
-          f"peak RSS ratio {lora['peak_mib'] / full['peak_mib']:.2f}")
+    print(
+        f"training memory, LoRA + ZeRO-2 / full: {lora['training_mib'] / full['training_mib']:.2f}; "
+        f"peak RSS ratio {lora['peak_mib'] / full['peak_mib']:.2f}"
+    )
     return results
 
 
@@ -221,8 +247,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
     paths = prepare(args.workdir, args.n_images, args.llm_hidden, args.llm_layers)
     if not args.skip_padding:
         bench_padding(paths, args.workdir, args.batch_sizes)

@@ -201,8 +201,10 @@ class LlavaConversationDataset(Dataset):
         The template adds a nearly constant number of tokens per turn, so these order samples by length
         almost exactly as the rendered text would, at a fraction of the cost of rendering every sample.
         """
-        texts = ["\n".join(strip_image_tokens(t.get("value", t.get("content", ""))) for t in r.conversations)
-                 for r in self.records]
+        texts = [
+            "\n".join(strip_image_tokens(t.get("value", t.get("content", ""))) for t in r.conversations)
+            for r in self.records
+        ]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def fingerprint(self) -> str:

@@ -59,8 +59,9 @@ def apply_lora(
     if r < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {r}")
     targets = list(target_modules) if target_modules else lora_target_modules(llm)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     return get_peft_model(llm, config)
 
 

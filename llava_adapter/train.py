@@ -183,7 +183,10 @@ def configure_trainable(model: DoveLlavaForCausalLM, args: FinetuneArguments) ->
     elif args.lora:
         if not is_lora_wrapped(model.llm):
             model.llm = apply_lora(
-                model.llm, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                model.llm,
+                r=args.lora_r,
+                alpha=args.lora_alpha,
+                dropout=args.lora_dropout,
                 target_modules=args.lora_target_modules,
             )
         else:  # continuing an adapter loaded with the model
@@ -297,14 +300,15 @@ def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
-        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+        raise TypeError(f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}")
     if bf16:
         config["bf16"] = {"enabled": False}
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if "optimizer" in config:
         logger.warning(
             "%s defines its own optimizer: DeepSpeed builds it over all trainable parameters at one learning "
-            "rate, so --projector-lr does not apply", path
+            "rate, so --projector-lr does not apply",
+            path,
         )
     return config
 

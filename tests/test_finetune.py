@@ -60,8 +60,11 @@ def fresh_model(workspace, tokenizer):
 
 def fixed_batch(workspace, tokenizer, template="auto", n=4):
     dataset = LlavaConversationDataset(
-        workspace.subset, tokenizer, DoveVisionTower(str(workspace.tower_dir), delay_load=True).image_processor,
-        workspace.images, template=template,
+        workspace.subset,
+        tokenizer,
+        DoveVisionTower(str(workspace.tower_dir), delay_load=True).image_processor,
+        workspace.images,
+        template=template,
     )
     return LlavaCollator(pad_token_id(tokenizer))([dataset[i] for i in range(n)])
 
@@ -75,7 +78,7 @@ def logits_of(model, batch):
 def epoch_means(losses):
     per_epoch = len(losses) // EPOCHS
     assert per_epoch >= 2, losses
-    return [sum(losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch for e in range(EPOCHS)]
+    return [sum(losses[e * per_epoch : (e + 1) * per_epoch]) / per_epoch for e in range(EPOCHS)]
 
 
 def assert_loss_falls(losses):
@@ -84,18 +87,18 @@ def assert_loss_falls(losses):
 
 
 def stage_args(workspace, tmp_path, stage, output, **overrides):
-    values = dict(
-        stage=stage,
-        data=str(workspace.subset),
-        image_folder=str(workspace.images),
-        output_dir=str(output),
-        num_train_epochs=EPOCHS,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-2,
-        warmup_ratio=0.0,
-        lr_scheduler_type="constant",
-        visual_length_cache=str(tmp_path / "cache"),
-    )
+    values = {
+        "stage": stage,
+        "data": str(workspace.subset),
+        "image_folder": str(workspace.images),
+        "output_dir": str(output),
+        "num_train_epochs": EPOCHS,
+        "per_device_train_batch_size": BATCH,
+        "learning_rate": 1e-2,
+        "warmup_ratio": 0.0,
+        "lr_scheduler_type": "constant",
+        "visual_length_cache": str(tmp_path / "cache"),
+    }
     if stage == 2:
         values.update(lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
     values.update(overrides)
@@ -106,8 +109,9 @@ def stage_args(workspace, tmp_path, stage, output, **overrides):
 
 
 def test_stage1_trains_the_projector_alone(workspace, tokenizer):
-    model = configure_trainable(fresh_model(workspace, tokenizer), FinetuneArguments(
-        stage=1, data="d.json", output_dir="o", model="m"))
+    model = configure_trainable(
+        fresh_model(workspace, tokenizer), FinetuneArguments(stage=1, data="d.json", output_dir="o", model="m")
+    )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(name.startswith("mm_projector.") for name in trainable)
 
@@ -126,8 +130,10 @@ def test_lora_adapts_every_llm_linear_but_the_output_layer(arch):
 
 
 def test_stage2_lora_leaves_tower_and_projector_without_adapters(workspace, tokenizer):
-    model = configure_trainable(fresh_model(workspace, tokenizer), FinetuneArguments(
-        stage=2, lora=True, lora_r=4, lora_alpha=8, data="d.json", output_dir="o", model="m"))
+    model = configure_trainable(
+        fresh_model(workspace, tokenizer),
+        FinetuneArguments(stage=2, lora=True, lora_r=4, lora_alpha=8, data="d.json", output_dir="o", model="m"),
+    )
     assert is_lora_wrapped(model.llm)
     for name, param in model.named_parameters():
         if name.startswith(("mm_projector.", "vision_tower.")):
@@ -161,8 +167,23 @@ def test_finetune_stops_on_a_bad_record_before_training(workspace, tmp_path, cap
     records[1] = dict(records[1], image="missing.png")
     data = tmp_path / "bad.json"
     data.write_text(json.dumps(records))
-    code = cli_main(["finetune", "--stage", "1", "--llm", str(workspace.llm_dir), "--tower", str(workspace.tower_dir),
-                     "--data", str(data), "--image-folder", str(workspace.images), "--output", str(tmp_path / "o")])
+    code = cli_main(
+        [
+            "finetune",
+            "--stage",
+            "1",
+            "--llm",
+            str(workspace.llm_dir),
+            "--tower",
+            str(workspace.tower_dir),
+            "--data",
+            str(data),
+            "--image-folder",
+            str(workspace.images),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert repr(records[1]["id"]) in err and "image file not found" in err
@@ -176,8 +197,9 @@ def test_finetune_stops_on_a_bad_record_before_training(workspace, tmp_path, cap
 def test_lora_stage2_saves_reloads_and_merges_to_the_same_logits(workspace, tokenizer, tmp_path):
     """No DeepSpeed: the trained model in memory, its reload, and its merge-lora copy agree."""
     output = tmp_path / "lora"
-    args = stage_args(workspace, tmp_path, 2, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir),
-                      projector_lr=0.0)
+    args = stage_args(
+        workspace, tmp_path, 2, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir), projector_lr=0.0
+    )
     start = fresh_model(workspace, tokenizer).mm_projector.state_dict()
     result = finetune(FinetuneArguments(**args))
     assert_loss_falls(result.losses)
@@ -207,8 +229,18 @@ def test_lora_stage2_saves_reloads_and_merges_to_the_same_logits(workspace, toke
 @pytest.mark.slow
 def test_full_stage2_with_checkpointing_and_bf16_saves_the_llm(workspace, tokenizer, tmp_path):
     output = tmp_path / "full"
-    args = stage_args(workspace, tmp_path, 2, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir),
-                      lora=False, learning_rate=3e-3, gradient_checkpointing=True, bf16=True)
+    args = stage_args(
+        workspace,
+        tmp_path,
+        2,
+        output,
+        llm=str(workspace.llm_dir),
+        tower=str(workspace.tower_dir),
+        lora=False,
+        learning_rate=3e-3,
+        gradient_checkpointing=True,
+        bf16=True,
+    )
     result = finetune(FinetuneArguments(**args))
     assert_loss_falls(result.losses)
     assert (output / "llm").is_dir() and not (output / "adapter_config.json").exists()
@@ -217,8 +249,10 @@ def test_full_stage2_with_checkpointing_and_bf16_saves_the_llm(workspace, tokeni
     assert any(not torch.equal(before[k], after[k]) for k in before)
     batch = fixed_batch(workspace, tokenizer)
     torch.testing.assert_close(
-        logits_of(DoveLlavaForCausalLM.from_pretrained(output), batch), logits_of(result.model, batch),
-        rtol=0, atol=1e-6,
+        logits_of(DoveLlavaForCausalLM.from_pretrained(output), batch),
+        logits_of(result.model, batch),
+        rtol=0,
+        atol=1e-6,
     )
 
 
@@ -241,7 +275,7 @@ def launcher_env(**extra: str) -> dict[str, str]:
 
 
 def run_launcher(command, env, timeout=600):
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     return done
 
@@ -252,19 +286,43 @@ def logged_losses(output: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(workspace, tmp_path):
-    common = ["--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "1e-2", "--warmup-ratio", "0",
-              "--lr-scheduler", "constant", "--no-bf16", "--no-gradient-checkpointing",
-              "--visual-length-cache", str(tmp_path / "cache")]
+    common = [
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        str(EPOCHS),
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--lr-scheduler",
+        "constant",
+        "--no-bf16",
+        "--no-gradient-checkpointing",
+        "--visual-length-cache",
+        str(tmp_path / "cache"),
+    ]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    env = dict(LAUNCHER="deepspeed", NPROC="1", DS_CONFIG="scripts/zero2.json", DATA=str(workspace.subset),
-               IMAGES=str(workspace.images))
-    run_launcher(["bash", "scripts/finetune_stage1.sh", *common], launcher_env(
-        **env, PORT=str(free_port()), LLM=str(workspace.llm_dir), TOWER=str(workspace.tower_dir), OUTPUT=str(stage1)))
+    env = {
+        "LAUNCHER": "deepspeed",
+        "NPROC": "1",
+        "DS_CONFIG": "scripts/zero2.json",
+        "DATA": str(workspace.subset),
+        "IMAGES": str(workspace.images),
+    }
+    run_launcher(
+        ["bash", "scripts/finetune_stage1.sh", *common],
+        launcher_env(
+            **env, PORT=str(free_port()), LLM=str(workspace.llm_dir), TOWER=str(workspace.tower_dir), OUTPUT=str(stage1)
+        ),
+    )
     assert_loss_falls(logged_losses(stage1))
     assert (stage1 / "mm_projector.safetensors").is_file() and not (stage1 / "llm").exists()
 
-    run_launcher(["bash", "scripts/finetune_stage2_lora.sh", *common, "--lora-r", "8", "--lora-alpha", "16"],
-                 launcher_env(**env, PORT=str(free_port()), MODEL=str(stage1), OUTPUT=str(stage2)))
+    run_launcher(
+        ["bash", "scripts/finetune_stage2_lora.sh", *common, "--lora-r", "8", "--lora-alpha", "16"],
+        launcher_env(**env, PORT=str(free_port()), MODEL=str(stage1), OUTPUT=str(stage2)),
+    )
     assert_loss_falls(logged_losses(stage2))
     reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
     assert is_lora_wrapped(reloaded.llm)
@@ -307,8 +365,9 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(worksp
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     zero3 = str(REPO / "scripts" / "zero3.json")
     config = {
-        "stage1": stage_args(workspace, tmp_path, 1, stage1, llm=str(workspace.llm_dir),
-                             tower=str(workspace.tower_dir), deepspeed=zero3),
+        "stage1": stage_args(
+            workspace, tmp_path, 1, stage1, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir), deepspeed=zero3
+        ),
         "stage2": stage_args(workspace, tmp_path, 2, stage2, model=str(stage1), deepspeed=zero3),
         "logits": str(tmp_path / "engine_logits.safetensors"),
         "resumed_losses": str(tmp_path / "resumed_losses.json"),
@@ -319,8 +378,10 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(worksp
     config["stage2_resumed"] = dict(interrupted, resume=True)
     driver = tmp_path / "driver.py"
     driver.write_text(ZERO3_DRIVER)
-    run_launcher(["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver),
-                  json.dumps(config)], launcher_env())
+    run_launcher(
+        ["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver), json.dumps(config)],
+        launcher_env(),
+    )
     assert_loss_falls(logged_losses(stage1))
     assert_loss_falls(logged_losses(stage2))
 

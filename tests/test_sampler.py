@@ -44,8 +44,9 @@ def test_grouping_cuts_padding_well_below_a_shuffle(world_size):
     lengths = heavy_tailed_lengths()
     batch = 8
     grouped = padding_share(list(VisualLengthGroupedSampler(lengths, batch, world_size=world_size)), lengths, batch)
-    shuffled = padding_share(torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist(),
-                             lengths, batch)
+    shuffled = padding_share(
+        torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist(), lengths, batch
+    )
     assert shuffled > 0.3
     assert grouped < shuffled / 3
 
@@ -98,7 +99,9 @@ def dataset_for(workspace, tokenizer, tower, data=None, use_query=True):
 
 def test_visual_lengths_are_the_towers_own(workspace, tokenizer, tower, tmp_path):
     records = workspace.records()[:6]
-    records.insert(2, {"id": "t", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]})
+    records.insert(
+        2, {"id": "t", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]}
+    )
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(records))
     dataset = dataset_for(workspace, tokenizer, tower, data)
@@ -106,10 +109,11 @@ def test_visual_lengths_are_the_towers_own(workspace, tokenizer, tower, tmp_path
     assert lengths[2] == 0
     image_rows = [i for i in range(len(dataset)) if i != 2]
     with torch.no_grad():
-        features = tower(torch.stack([dataset.load_pixels(i) for i in image_rows]),
-                         queries=[dataset.query(i) for i in image_rows])
+        features = tower(
+            torch.stack([dataset.load_pixels(i) for i in image_rows]), queries=[dataset.query(i) for i in image_rows]
+        )
     assert [lengths[i] for i in image_rows] == [f.shape[0] for f in features]
-    assert len(set(lengths[i] for i in image_rows)) > 1, "the calibrated tower should give varied lengths"
+    assert len({lengths[i] for i in image_rows}) > 1, "the calibrated tower should give varied lengths"
 
 
 def test_the_cache_is_computed_once_and_keyed_by_tower_and_data(workspace, tokenizer, tower, small_data, tmp_path):
@@ -121,7 +125,9 @@ def test_the_cache_is_computed_once_and_keyed_by_tower_and_data(workspace, token
         lengths, path, hit = cached_visual_lengths(tower, dataset, cache, batch_size=16)
         assert not hit and path.is_file() and calls
         calls.clear()
-        again, same_path, hit = cached_visual_lengths(tower, dataset_for(workspace, tokenizer, tower, small_data), cache)
+        again, same_path, hit = cached_visual_lengths(
+            tower, dataset_for(workspace, tokenizer, tower, small_data), cache
+        )
         assert hit and same_path == path and again == lengths and not calls
 
         # Another data file, other tower options or other tower weights: another entry.
@@ -169,8 +175,9 @@ def test_on_real_data_grouped_batches_carry_less_padding_than_shuffled_ones(work
     batch_size = 4
     grouped = padding_share(list(VisualLengthGroupedSampler(lengths, batch_size, group_size=8)), lengths, batch_size)
     shuffles = [
-        padding_share(torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist(), lengths,
-                      batch_size)
+        padding_share(
+            torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist(), lengths, batch_size
+        )
         for s in range(5)
     ]
     assert grouped < 0.5 * min(shuffles)

@@ -30,10 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--projector-type", default="mlp2x_gelu", help="linear, mlp<N>x_gelu or identity")
     start.add_argument("--pretrained-projector", help="mm_projector.* weights file to start from (with --llm/--tower)")
     start.add_argument("--template", help="conversation template (default: plain in stage 1, the model's in stage 2)")
-    start.add_argument("--query", dest="use_query", action=argparse.BooleanOptionalAction, default=True,
-                       help="condition the tower on the question (Q-DOVE); with --llm/--tower only")
-    start.add_argument("--tower-trainable", default="none", choices=("none", "eos_head", "generator"),
-                       help="tower part trained in stage 2")
+    start.add_argument(
+        "--query",
+        dest="use_query",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="condition the tower on the question (Q-DOVE); with --llm/--tower only",
+    )
+    start.add_argument(
+        "--tower-trainable",
+        default="none",
+        choices=("none", "eos_head", "generator"),
+        help="tower part trained in stage 2",
+    )
     start.add_argument("--threshold", type=float, help="tower EOS threshold (default: the tower's)")
     start.add_argument("--budget", type=int, help="force every image to this many visual tokens")
     start.add_argument("--model-max-length", type=int, help="tokens the LLM sees, visual tokens included")
@@ -41,42 +50,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="LLaVA conversation JSON (or JSON Lines)")
     data.add_argument("--image-folder", help="folder the records' 'image' paths are relative to")
-    data.add_argument("--group-by-visual-length", action=argparse.BooleanOptionalAction, default=True,
-                      help="batch samples of similar visual+text length (lengths computed once, cached)")
+    data.add_argument(
+        "--group-by-visual-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch samples of similar visual+text length (lengths computed once, cached)",
+    )
     data.add_argument("--visual-length-cache", help="cache dir (default: $DOVE_VLM_CACHE or ~/.cache/dove-vlm)")
     data.add_argument("--num-workers", type=int, default=0, dest="dataloader_num_workers")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output", "--output-dir", dest="output_dir", required=True)
-    train.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
-                       help="stage 2: LoRA adapters instead of the full LLM")
+    train.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stage 2: LoRA adapters instead of the full LLM",
+    )
     train.add_argument("--lora-r", type=int, default=128)
     train.add_argument("--lora-alpha", type=int, default=256)
     train.add_argument("--lora-dropout", type=float, default=0.05)
     train.add_argument("--lora-target-modules", nargs="+", help="default: every linear layer but the output layer")
-    train.add_argument("--lr", "--learning-rate", type=float, dest="learning_rate",
-                       help="default: 1e-3 (stage 1), 2e-4 (LoRA), 2e-5 (full)")
+    train.add_argument(
+        "--lr",
+        "--learning-rate",
+        type=float,
+        dest="learning_rate",
+        help="default: 1e-3 (stage 1), 2e-4 (LoRA), 2e-5 (full)",
+    )
     train.add_argument("--projector-lr", type=float, help="stage 2: the projector's own learning rate")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup-ratio", type=float, default=0.03)
     train.add_argument("--lr-scheduler", dest="lr_scheduler_type", default="cosine")
     train.add_argument("--epochs", type=float, default=1.0, dest="num_train_epochs")
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    train.add_argument("--batch-size", type=int, default=16, dest="per_device_train_batch_size",
-                       help="per device")
+    train.add_argument("--batch-size", type=int, default=16, dest="per_device_train_batch_size", help="per device")
     train.add_argument("--grad-accum", type=int, default=1, dest="gradient_accumulation_steps")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                       help="bf16 mixed precision (autocast; the VQ stays fp32)")
+    train.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bf16 mixed precision (autocast; the VQ stays fp32)",
+    )
     train.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. scripts/zero2.json")
     train.add_argument("--save-steps", type=int, help="also write a resumable checkpoint every N steps")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint-<step> in --output (if there is one)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint-<step> in --output (if there is one)"
+    )
     train.add_argument("--logging-steps", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")
-    train.add_argument("--save-llm", action=argparse.BooleanOptionalAction, default=None,
-                       help="write the LLM weights (default: only when trained or not reloadable from its source)")
+    train.add_argument(
+        "--save-llm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the LLM weights (default: only when trained or not reloadable from its source)",
+    )
     parser.set_defaults(handler=run)
 
 
