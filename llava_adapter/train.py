@@ -377,6 +377,9 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
     lengths = None
     cache_path = None
     if args.group_by_visual_length:
+        # The Trainer would move the model to the device only when training starts; the one pass of the
+        # tower over the data should already run there.
+        model.vision_tower.to(training_args.device)
         with training_args.main_process_first(local=False, desc="visual lengths"):
             visual, cache_path, hit = cached_visual_lengths(
                 model.vision_tower,
