@@ -88,6 +88,19 @@ def test_automatic_lengths_come_from_the_eos_head(calibrated_tokenizer, images):
     assert all(a <= b for a, b in zip((f.shape[0] for f in lower), lengths))
 
 
+def test_a_frozen_tower_ignores_the_training_steps_autocast(calibrated_tokenizer, images):
+    """Lengths picked inside a bf16 training step must equal the fp32 lengths inference and the cache use."""
+    tower = DoveVisionTower(calibrated_tokenizer)
+    with torch.no_grad():
+        plain = tower(images, queries=QUERIES)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = tower(images, queries=QUERIES)
+    assert [f.shape[0] for f in under_autocast] == [f.shape[0] for f in plain]
+    for a, b in zip(plain, under_autocast):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+
+
 def test_query_conditioning_changes_lengths_and_can_be_switched_off(calibrated_tokenizer, images):
     with_queries = DoveVisionTower(calibrated_tokenizer, use_query=True)
     without_queries = DoveVisionTower(calibrated_tokenizer, use_query=False)
