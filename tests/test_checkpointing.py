@@ -1,0 +1,97 @@
+"""Checkpoints: exact RNG round trips, keep-last-K, and a kill in the middle of a write."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokenizer import DoveTokenizer
+from tokenizer.checkpointing import SLOW_WRITE_ENV, CheckpointManager, RNGState
+
+from tokenizer_training_helpers import cli_command, cli_env, make_shapes_data, run_cli, write_config
+
+
+def _draw(generator: torch.Generator) -> tuple:
+    return (random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=generator)))
+
+
+def test_rng_state_restores_every_stream():
+    generator = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(2), torch.manual_seed(4)
+    _draw(generator)
+    state = RNGState.capture({"loop": generator})
+    first = _draw(generator)
+    _draw(generator)
+    state.restore({"loop": generator})
+    assert _draw(generator) == first
+
+
+def _save(manager: CheckpointManager, step: int) -> Path:
+    model_state = {"w": torch.full((2,), float(step))}
+
+    def write_model(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        save_file(model_state, str(directory / "model.safetensors"))
+
+    optimizers = {"generator": {"state": {0: {"exp_avg": torch.ones(2) * step}}, "param_groups": [{"lr": 0.1}]}}
+    return manager.save(
+        step, write_model, {"d": torch.zeros(1)}, optimizers, [RNGState.capture()], {"sampler": {"epoch": 0}}
+    )
+
+
+def test_manager_keeps_the_newest_and_loads_back(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        _save(manager, step)
+    assert [s for s, _ in manager.list()] == [4, 6]
+    (manager.root / ".step-00000008.tmp-abc").mkdir()  # an interrupted write is never "latest"
+    loaded = CheckpointManager.load(manager.latest())
+    assert loaded.step == 6
+    assert torch.equal(loaded.optimizers["generator"]["state"][0]["exp_avg"], torch.full((2,), 6.0))
+    assert loaded.state["sampler"] == {"epoch": 0}
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        CheckpointManager.load(manager.root / ".step-00000008.tmp-abc")
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
+    data = make_shapes_data(tmp_path / "shapes", n=16)
+    config = write_config(tmp_path / "run.yaml", max_steps=6, checkpoint_every=2)
+    out = tmp_path / "run"
+    args = ["train-tokenizer", "--config", str(config), "--data", str(data / "images"), "--output", str(out), "--no-progress"]
+    process = subprocess.Popen(
+        cli_command(*args), env=cli_env(**{SLOW_WRITE_ENV: "4:120"}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    root = out / "checkpoints"
+    try:
+        deadline = time.monotonic() + 240
+        staging = []
+        while time.monotonic() < deadline and process.poll() is None:
+            staging = [p for p in root.glob(".step-00000004.tmp-*") if (p / "optimizers.pt").is_file()]
+            if staging:
+                break
+            time.sleep(0.2)
+        assert staging, f"checkpoint 4 never started writing: {process.stderr.read().decode()[-2000:] if process.poll() is not None else ''}"
+        os.kill(process.pid, signal.SIGKILL)  # a real kill, halfway through writing step 4
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    manager = CheckpointManager(out)
+    assert manager.latest() == root / "step-00000002"
+    checkpoint = CheckpointManager.load(manager.latest())
+    assert checkpoint.step == 2
+    DoveTokenizer.from_pretrained(checkpoint.model_dir)  # the model export inside it loads on its own
+    run_cli(*args, "--resume")  # and training picks up from it and finishes
+    assert [s for s, _ in manager.list()] == [4, 6]
+    assert not list(root.glob(".step-*"))  # the half-written directory was cleaned up
