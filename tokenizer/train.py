@@ -54,6 +54,9 @@ FINAL_DIR = "final"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
+# Test hook: a directory where each process writes its final parameters (rank{r}.safetensors), so a test can
+# check that DDP processes ended with identical weights. Unset in normal use.
+DUMP_PARAMS_ENV = "DOVE_TEST_DUMP_PARAMS"
 
 
 def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
@@ -218,11 +221,14 @@ class TokenizerTrainer:
             torch.set_num_threads(config.torch_threads)
         tracker = None if config.tracker == "none" else config.tracker
         self.accelerator = accelerator = Accelerator(
+            # Without this, accelerate treats `torchrun` processes on a CPU-only host as separate single runs.
+            cpu=not _has_accelerator_device(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=tracker,
             project_dir=str(self.output_dir / LOGS_DIR),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            # The query embedding takes no part in a batch without queries (DOVE data, or every query dropped).
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.progress = progress and accelerator.is_local_main_process
         set_seed(config.seed)  # the same initial weights on every process
@@ -524,9 +530,11 @@ class TokenizerTrainer:
         bar.close()
         if not config.checkpoint_every or self.step % config.checkpoint_every:
             self.save_checkpoint()
+        self._dump_parameters()
         final = self.output_dir / FINAL_DIR
         if accelerator.is_main_process:
             self.tokenizer.save_pretrained(final)
+        skipped = self._total_skipped()
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainingSummary(
@@ -535,8 +543,21 @@ class TokenizerTrainer:
             steps=self.step,
             resumed_from=self.resumed_from,
             history=history,
-            skipped_images=self._total_skipped(),
+            skipped_images=skipped,
         )
+
+    def _dump_parameters(self) -> None:
+        directory = os.environ.get(DUMP_PARAMS_ENV)
+        if not directory:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v for k, v in self.tokenizer.state_dict().items()}
+        disc = self.accelerator.unwrap_model(self.disc_model)
+        tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        path = Path(directory) / f"rank{self.accelerator.process_index}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
     def _all_processes_have_images(self, batch: dict[str, Any]) -> bool:
         """A batch whose every image was corrupt is skipped, by all processes together (one alone would hang DDP)."""
@@ -593,6 +614,13 @@ class TokenizerTrainer:
             result = self.tokenizer.reconstruct(self.grid_pixels.to(self.accelerator.device), budgets=budgets)
         self.tokenizer.train(was_training)
         return save_reconstruction_grid(result, self.output_dir / SAMPLES_DIR / f"step-{self.step:08d}.png")
+
+
+def _has_accelerator_device() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
 
 
 def _scalar_config(setup: TrainingSetup) -> dict[str, Any]:

@@ -1,0 +1,205 @@
+"""The tokenizer training loop: configs, parameter groups, a short real run, exact resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenizer import DoveTokenizer
+from tokenizer.checkpointing import CheckpointManager
+from tokenizer.train import TokenizerTrainer, parameter_groups, warmup_cosine
+from tokenizer.training_config import TrainConfig, load_training_file, parse_training_setup
+
+from tokenizer_training_helpers import MICRO_MODEL, cli_command, cli_env, make_shapes_data, run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_data(tmp_path_factory.mktemp("shapes"), n=16)
+
+
+def test_config_errors_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="lr_genrator"):
+        parse_training_setup({"model": "dove-tiny", "train": {"lr_genrator": 1e-3}}, where="x.yaml")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="perceptual_weights"):
+        TrainConfig(perceptual_weight=0.1)
+    with pytest.raises(ValueError, match="'nope' is unknown"):
+        parse_training_setup({"model": "nope"}, where="x.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_training_file(tmp_path / "missing.yaml")
+
+
+def test_training_presets_parse():
+    from dove_vlm.commands.train_tokenizer import available_training_presets, training_preset_path
+
+    names = available_training_presets()
+    assert {"dove-tiny", "dove-pythia14m-amused256", "dove-pythia70m-amused256"} <= set(names)
+    for name in names:  # the full presets train with LPIPS, so they need VGG16 weights named
+        setup = load_training_file(training_preset_path(name), overrides={"perceptual_weights": "vgg16.pth"})
+        assert setup.train.max_steps > 0
+    with pytest.raises(ValueError, match="perceptual_weights"):
+        load_training_file(training_preset_path("dove-pythia70m-amused256"))
+
+
+def test_parameter_groups_and_frozen_vq():
+    setup = parse_training_setup({"model": MICRO_MODEL, "train": {"lr_vq": 1e-5, "lr_decoder": 2e-4}}, where="t")
+    from tokenizer.train import build_tokenizer
+
+    model = build_tokenizer(setup.model)
+    groups = {g["name"]: g for g in parameter_groups(model, setup.train)}
+    assert groups["vq"]["lr"] == 1e-5 and groups["decoder"]["lr"] == 2e-4
+    assert groups["decoder_no_decay"]["weight_decay"] == 0.0
+    grouped = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert grouped == sum(p.numel() for p in model.parameters())
+
+    frozen = TrainConfig(freeze_vq=True)
+    model.vq.requires_grad_(False)
+    names = {g["name"] for g in parameter_groups(model, frozen)}
+    assert not any(n.startswith("vq") for n in names)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    values = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert values[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_short_run_writes_everything_and_the_export_loads(tmp_path, shapes):
+    config = write_config(
+        tmp_path / "run.yaml", max_steps=4, gradient_accumulation_steps=2, grid_every=2, grid_images=2,
+        tracker="tensorboard", checkpoint_every=1, keep_checkpoints=2,
+    )  # fmt: skip
+    setup = load_training_file(config)
+    out = tmp_path / "run"
+    trainer = TokenizerTrainer(
+        setup, shapes / "images", out, annotations=shapes / "train" / "annotations.json", progress=False
+    )
+    summary = trainer.train()
+    assert summary.steps == 4
+    assert [s for s, _ in CheckpointManager(out).list()] == [3, 4]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "loss/discriminator" in records[-1] and "loss/generator_adversarial" in records[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records)
+    loaded = DoveTokenizer.from_pretrained(out / "final")
+    for name, tensor in trainer.tokenizer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.slow
+def test_frozen_vq_stays_put_and_the_rest_trains(tmp_path, shapes):
+    config = write_config(tmp_path / "run.yaml", max_steps=2, freeze_vq=True, checkpoint_every=0)
+    setup = load_training_file(config)
+    trainer = TokenizerTrainer(setup, shapes / "images", tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}
+    trainer.train()
+    after = trainer.tokenizer.state_dict()
+    vq_changed = [k for k in before if k.startswith("vq.") and not torch.equal(before[k], after[k])]
+    assert not vq_changed
+    assert not torch.equal(before["decoder.latent_out.weight"], after["decoder.latent_out.weight"])
+    assert all(not p.requires_grad for p in trainer.tokenizer.vq.parameters())
+
+
+@pytest.mark.slow
+def test_corrupt_image_is_skipped_and_counted_or_fails_with_strict(tmp_path):
+    data = make_shapes_data(tmp_path / "shapes", n=8)
+    (data / "images" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    config = write_config(tmp_path / "run.yaml", max_steps=3, batch_size=3, checkpoint_every=0)
+    result = run_cli("train-tokenizer", "--config", str(config), "--data", str(data / "images"),
+                     "--output", str(tmp_path / "run"), "--no-progress")  # fmt: skip
+    assert "skipped 1 unreadable images" in result.stdout
+    strict = subprocess.run(
+        cli_command("train-tokenizer", "--config", str(config), "--data", str(data / "images"),
+                    "--output", str(tmp_path / "strict"), "--strict", "--no-progress"),
+        env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert strict.returncode != 0 and "zz_broken.png" in strict.stderr
+
+
+def _all_tensors(run: Path) -> dict[str, torch.Tensor]:
+    checkpoint = CheckpointManager(run).latest()
+    tensors = {f"model.{k}": v for k, v in load_file(str(checkpoint / "model" / "model.safetensors")).items()}
+    tensors.update({f"disc.{k}": v for k, v in load_file(str(checkpoint / "discriminator.safetensors")).items()})
+    optimizers = torch.load(checkpoint / "optimizers.pt", weights_only=True)
+    for name in ("generator", "discriminator"):
+        for index, state in optimizers[name]["state"].items():
+            for key, value in state.items():
+                tensors[f"{name}.{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reaches_the_same_parameters(tmp_path):
+    """Q-DOVE data (query dropping), adversarial loss on, length control: every random stream is exercised."""
+    data = make_shapes_data(tmp_path / "shapes", n=16)
+    config = write_config(tmp_path / "run.yaml", max_steps=6, checkpoint_every=2, keep_checkpoints=3)
+
+    def args(out: Path) -> list[str]:
+        return ["train-tokenizer", "--config", str(config), "--data", str(data / "images"), "--annotations",
+                str(data / "train" / "annotations.json"), "--output", str(out), "--no-progress"]  # fmt: skip
+
+    reference = tmp_path / "reference"
+    run_cli(*args(reference))
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(cli_command(*args(interrupted)), env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (interrupted / "checkpoints" / "step-00000002").is_dir():
+            assert process.poll() is None, "the run ended before checkpoint 2 appeared"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    steps_at_kill = [s for s, _ in CheckpointManager(interrupted).list()]
+    assert steps_at_kill and steps_at_kill[-1] < 6, steps_at_kill
+    result = run_cli(*args(interrupted), "--resume")
+    assert "resumed from" in result.stdout
+
+    expected, got = _all_tensors(reference), _all_tensors(interrupted)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name].float(), got[name].float(), rtol=0, atol=1e-6), name
+    state = json.loads((CheckpointManager(interrupted).latest() / "trainer_state.json").read_text())
+    reference_state = json.loads((CheckpointManager(reference).latest() / "trainer_state.json").read_text())
+    assert state["length_control"] == reference_state["length_control"]
+    assert state["sampler"] == reference_state["sampler"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_agree(tmp_path):
+    data = make_shapes_data(tmp_path / "shapes", n=16)
+    config = write_config(tmp_path / "run.yaml", max_steps=3, checkpoint_every=0)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               "-m", "dove_vlm.cli", "train-tokenizer", "--config", str(config), "--data", str(data / "images"),
+               "--annotations", str(data / "train" / "annotations.json"), "--output", str(out), "--no-progress"]  # fmt: skip
+    probe = tmp_path / "params"
+    env = cli_env(DOVE_TEST_DUMP_PARAMS=str(probe))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [load_file(str(probe / f"rank{r}.safetensors")) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    final = DoveTokenizer.from_pretrained(out / "final").state_dict()
+    for name, tensor in final.items():
+        assert torch.equal(tensor, ranks[0][f"model.{name}"]), name
