@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizer_training_helpers import cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 from tokenizer import DoveTokenizer
 from tokenizer.checkpointing import SLOW_WRITE_ENV, CheckpointManager, RNGState
-
-from tokenizer_training_helpers import cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 
 def _draw(generator: torch.Generator) -> tuple:
@@ -68,7 +67,16 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     data = make_shapes_data(tmp_path / "shapes", n=16)
     config = write_config(tmp_path / "run.yaml", max_steps=6, checkpoint_every=2)
     out = tmp_path / "run"
-    args = ["train-tokenizer", "--config", str(config), "--data", str(data / "images"), "--output", str(out), "--no-progress"]
+    args = [
+        "train-tokenizer",
+        "--config",
+        str(config),
+        "--data",
+        str(data / "images"),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     process = subprocess.Popen(
         cli_command(*args), env=cli_env(**{SLOW_WRITE_ENV: "4:120"}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -81,7 +89,9 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
             if staging:
                 break
             time.sleep(0.2)
-        assert staging, f"checkpoint 4 never started writing: {process.stderr.read().decode()[-2000:] if process.poll() is not None else ''}"
+        assert staging, (
+            f"checkpoint 4 never started writing: {process.stderr.read().decode()[-2000:] if process.poll() is not None else ''}"
+        )
         os.kill(process.pid, signal.SIGKILL)  # a real kill, halfway through writing step 4
         process.wait(timeout=30)
     finally:

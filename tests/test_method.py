@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import spearmanr
+from tokenizer_training_helpers import MICRO_MODEL, make_shapes_data
 
 from tokenizer import DoveTokenizer
 from tokenizer.train import train_tokenizer
 from tokenizer.training_config import parse_training_setup
-
-from tokenizer_training_helpers import MICRO_MODEL, make_shapes_data
 
 METHOD_TRAIN = {
     "max_steps": 300,
@@ -86,7 +85,9 @@ def test_automatic_length_rises_with_object_count(trained):
         lengths = model.encode([str(data / "images" / f"{s['image_id']}.png") for s in scenes]).lengths
     counts = [s["n_objects"] for s in scenes]
     rho = spearmanr(counts, lengths.tolist()).correlation
-    by_count = {c: sum(float(l) for n, l in zip(counts, lengths) if n == c) / counts.count(c) for c in sorted(set(counts))}
+    by_count = {
+        c: sum(float(l) for n, l in zip(counts, lengths) if n == c) / counts.count(c) for c in sorted(set(counts))
+    }
     print(f"held-out Spearman(object count, automatic length) = {rho}; mean length by count {by_count}")
     assert rho >= 0.5, (rho, by_count)
 
@@ -100,5 +101,7 @@ def test_single_object_question_needs_fewer_tokens(trained):
     with torch.no_grad():
         with_query = model.encode(images, queries=[r["question"] for r in single]).lengths.float().mean()
         without = model.encode(images).lengths.float().mean()
-    print(f"{len(single)} single-object questions: mean length {float(with_query):.2f} with, {float(without):.2f} without")
+    print(
+        f"{len(single)} single-object questions: mean length {float(with_query):.2f} with, {float(without):.2f} without"
+    )
     assert with_query < without, (float(with_query), float(without))

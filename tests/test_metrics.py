@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from tokenizer_training_helpers import make_shapes_data, run_cli
 
 from tokenizer.metrics import RFID, psnr, ssim
 from tokenizer.probe import fit_linear_probe, token_features
-
-from tokenizer_training_helpers import make_shapes_data, run_cli
 
 
 def test_psnr_and_ssim_per_image():
@@ -91,7 +90,8 @@ def test_eval_recon_and_linear_probe_commands(tmp_path, tiny_tokenizer):
     out = tmp_path / "eval"
     run_cli("eval-recon", "--checkpoint", str(checkpoint), "--data", str(data / "images"), "--budgets", "2,8",
             "--out", str(out), "--batch-size", "5")  # fmt: skip
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [r["budget"] for r in rows] == ["2", "8", "auto"]
     assert float(rows[0]["tokens"]) == 2.0 and float(rows[1]["tokens"]) == 8.0
     assert (out / "quality_vs_tokens.png").stat().st_size > 0 and "| budget |" in (out / "metrics.md").read_text()

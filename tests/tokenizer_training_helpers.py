@@ -79,7 +79,9 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cli_command(*args), env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        cli_command(*args), env=cli_env(**env), capture_output=True, text=True, timeout=timeout, check=False
+    )
     if result.returncode != 0:
         raise AssertionError(f"dove-vlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

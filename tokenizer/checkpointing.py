@@ -63,7 +63,7 @@ class RNGState:
     generators: dict[str, torch.Tensor]
 
     @classmethod
-    def capture(cls, generators: Mapping[str, torch.Generator] | None = None) -> "RNGState":
+    def capture(cls, generators: Mapping[str, torch.Generator] | None = None) -> RNGState:
         version, internal, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         return cls(
@@ -99,12 +99,12 @@ class RNGState:
         return out
 
     @classmethod
-    def from_parts(cls, json_part: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> "RNGState":
+    def from_parts(cls, json_part: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> RNGState:
         cuda = []
         while f"{prefix}.cuda.{len(cuda)}" in tensors:
             cuda.append(tensors[f"{prefix}.cuda.{len(cuda)}"])
         head = f"{prefix}.generator."
-        generators = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+        generators = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
         return cls(
             python=json_part["python"],
             numpy=json_part["numpy"],

@@ -89,7 +89,7 @@ class TorchvisionInceptionFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "TorchvisionInceptionFeatures":
+    def train(self, mode: bool = True) -> TorchvisionInceptionFeatures:
         return super().train(False)
 
     @torch.no_grad()
@@ -111,7 +111,7 @@ def _read_state(path: Path) -> Mapping[str, torch.Tensor]:
     except Exception as err:  # foreign or corrupt files raise many types; the user needs the file and the cause
         raise ValueError(f"cannot read Inception weights from {path}: {type(err).__name__}: {err}") from err
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} is not a state dict. {INCEPTION_HINT}")
+        raise TypeError(f"{path} is not a state dict. {INCEPTION_HINT}")
     return state
 
 
@@ -128,7 +128,9 @@ class RFID:
             raise FileNotFoundError(f"Inception weights not found: {path}. {INCEPTION_HINT}")
         if importlib.util.find_spec("torch_fidelity") is not None and path.name.startswith("pt_inception"):
             self.backend = "fid-inception (torch-fidelity)"
-            self.metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+            self.metric = FrechetInceptionDistance(
+                feature=2048, normalize=True, feature_extractor_weights_path=str(path)
+            )
         else:
             self.backend = "torchvision inception_v3"
             self.metric = FrechetInceptionDistance(feature=TorchvisionInceptionFeatures(path), normalize=True)

@@ -107,7 +107,9 @@ class TrainingModel(nn.Module):
         model = self.tokenizer
         tokens, eos_logits, target_latents = model(pixels, query_ids, query_mask)
         with torch.no_grad():
-            predicted = lengths_from_eos(torch.sigmoid(eos_logits.float()), model.config.eos_threshold, model.config.min_tokens)
+            predicted = lengths_from_eos(
+                torch.sigmoid(eos_logits.float()), model.config.eos_threshold, model.config.min_tokens
+            )
         lengths = choose_lengths(predicted).to(pixels.device)
         mask = mask_from_lengths(lengths, model.max_tokens)
         latents = model.decode_latents(tokens, mask)
@@ -518,7 +520,9 @@ class TokenizerTrainer:
                         logs["data/skipped_images"] = float(self._total_skipped())
                         logs["throughput/images_per_s"] = (self.images_seen - images_at_start) / elapsed
                         self._log(logs, metrics_path, history)
-                        bar.set_postfix(rec=f"{logs['loss/reconstruction']:.4f}", len=f"{logs['length/predicted_mean']:.1f}")
+                        bar.set_postfix(
+                            rec=f"{logs['loss/reconstruction']:.4f}", len=f"{logs['length/predicted_mean']:.1f}"
+                        )
                     if config.grid_every and self.step % config.grid_every == 0:
                         self.save_grid()
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:

@@ -122,7 +122,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, where: str = "train") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "train") -> TrainConfig:
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -153,16 +153,18 @@ class ModelSpec:
         if self.preset is None and self.init_from is None:
             raise ValueError("model: give a preset name or init_from (a checkpoint)")
         if self.preset is not None and self.preset not in available_presets():
-            raise ValueError(f"model.preset {self.preset!r} is unknown; known presets: {', '.join(available_presets())}")
+            raise ValueError(
+                f"model.preset {self.preset!r} is unknown; known presets: {', '.join(available_presets())}"
+            )
         if self.init_from is not None and (self.vq or self.generator):
             raise ValueError("model: init_from already holds every weight; do not combine it with vq/generator")
 
     @classmethod
-    def parse(cls, value: Any, where: str = "model") -> "ModelSpec":
+    def parse(cls, value: Any, where: str = "model") -> ModelSpec:
         if isinstance(value, str):
             return cls(preset=value)
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a preset name or a mapping, got {type(value).__name__}")
+            raise TypeError(f"{where}: expected a preset name or a mapping, got {type(value).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -212,7 +214,7 @@ def load_training_file(path: str | os.PathLike, overrides: dict[str, Any] | None
 
 def parse_training_setup(data: Any, where: str, overrides: dict[str, Any] | None = None) -> TrainingSetup:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping with 'model' and 'train' sections")
+        raise TypeError(f"{where}: expected a mapping with 'model' and 'train' sections")
     unknown = sorted(set(data) - {"model", "train", "description"})
     if unknown:
         raise ValueError(f"{where}: unknown top-level key(s) {unknown}; expected 'model' and 'train'")

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", nargs="?", const="latest", default=None,
         help="continue from the latest checkpoint in OUTPUT (or from the checkpoint dir given)",
     )  # fmt: skip
-    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable image instead of skipping it"
+    )
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--batch-size", type=int, help="override train.batch_size (per process)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="override train.mixed_precision")
@@ -53,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--freeze-vq", action="store_true", default=None, help="train without updating the VQ")
     parser.add_argument("--perceptual-weights", help="VGG16 weights (path or hub id) for the LPIPS loss")
     parser.add_argument("--vq", help="pretrained VQ (path or hub id), replacing the config's model.vq")
-    parser.add_argument("--generator", help="pretrained GPT-NeoX (path or hub id), replacing the config's model.generator")
+    parser.add_argument(
+        "--generator", help="pretrained GPT-NeoX (path or hub id), replacing the config's model.generator"
+    )
     parser.add_argument("--init-from", help="start from the weights of a saved tokenizer")
     parser.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
     parser.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset")
@@ -82,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     setup = load_training_file(path, overrides=overrides)
     if args.vq or args.generator or args.init_from:
         spec = setup.model.to_dict()
-        spec.update({k: v for k, v in (("vq", args.vq), ("generator", args.generator), ("init_from", args.init_from)) if v})
+        spec.update(
+            {k: v for k, v in (("vq", args.vq), ("generator", args.generator), ("init_from", args.init_from)) if v}
+        )
         setup.model = ModelSpec.parse(spec)
     dataset_kwargs = {
         "hf_split": args.hf_split,
@@ -104,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if PartialState().is_main_process:
         resumed = f" (resumed from {summary.resumed_from})" if summary.resumed_from else ""
-        print(f"trained {summary.steps} steps{resumed}; skipped {summary.skipped_images} unreadable images; "
-              f"final tokenizer: {summary.final_dir}")
+        print(
+            f"trained {summary.steps} steps{resumed}; skipped {summary.skipped_images} unreadable images; "
+            f"final tokenizer: {summary.final_dir}"
+        )
     return 0
