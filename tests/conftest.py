@@ -20,3 +20,17 @@ def tiny_tokenizer():
 
     torch.manual_seed(0)
     return DoveTokenizer.from_preset("dove-tiny").eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a Trainer run with bf16 must not fix the precision of the
+    next test's Accelerator(mixed_precision="no")."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

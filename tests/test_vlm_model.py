@@ -131,7 +131,7 @@ def test_training_logits_of_each_sample_equal_the_sample_alone(model, llm_tokeni
         width = alone.logits.shape[1]
         assert width == n - 1 + batched.visual_lengths[row]
         assert alone.visual_lengths == [batched.visual_lengths[row]]
-        torch.testing.assert_close(batched.logits[row, :width], alone.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.logits[row, :width], alone.logits[0], atol=5e-5, rtol=1e-4)
         assert torch.equal(batched.labels[row, :width], alone.labels[0])
         assert batched.attention_mask[row, :width].all() and not batched.attention_mask[row, width:].any()
         assert (batched.labels[row, width:] == IGNORE_INDEX).all()
