@@ -20,7 +20,6 @@ from tokenizer.data import (
     SkippedExample,
     build_dataset,
     collate_examples,
-    drop_queries,
 )
 from tokenizer.image_processing import DoveImageProcessor, ImageLoadError
 
@@ -374,23 +373,6 @@ def test_build_dataset_picks_the_class_and_explains_missing_paths(tmp_path: Path
         build_dataset(tmp_path / "missing_dir", image_size=SIZE)
     with pytest.raises(FileNotFoundError, match="annotation file not found: .*nope.json"):
         build_dataset(folder, tmp_path / "nope.json", image_size=SIZE)
-
-
-# --- query dropout ------------------------------------------------------------------------------------
-
-
-def test_drop_queries_blanks_query_and_relevance_together():
-    relevance = torch.zeros(64, 1, 4, 4)
-    relevance[:, :, :2, :2] = 1
-    batch = {"queries": [f"q{i}" for i in range(64)], "relevance": relevance}
-    dropped = drop_queries(batch, 0.5, torch.Generator().manual_seed(0))
-    blank = [q == "" for q in dropped["queries"]]
-    assert 10 < sum(blank) < 54
-    for row, is_blank in enumerate(blank):
-        assert dropped["relevance"][row].eq(1).all() == is_blank
-    assert batch["queries"][0] == "q0" and relevance.sum() == 64 * 4, "the input batch is left alone"
-    again = drop_queries(batch, 0.5, torch.Generator().manual_seed(0))
-    assert again["queries"] == dropped["queries"]
 
 
 # --- the resumable sampler ----------------------------------------------------------------------------

@@ -314,3 +314,17 @@ def test_drop_queries():
     assert torch.equal(relevance, box_mask(3, 8, 1, 1, 3))  # the caller's masks are untouched
     many, _ = drop_queries(["q"] * 2000, None, p=0.5, generator=torch.Generator().manual_seed(0))
     assert many.count("") / 2000 == pytest.approx(0.5, abs=0.05)
+
+
+def test_drop_queries_blanks_query_and_relevance_together_and_replays_with_its_seed():
+    relevance = torch.zeros(64, 1, 4, 4)
+    relevance[:, :, :2, :2] = 1
+    queries = [f"q{i}" for i in range(64)]
+    kept, mask = drop_queries(queries, relevance, p=0.5, generator=torch.Generator().manual_seed(0))
+    blank = [q == "" for q in kept]
+    assert 10 < sum(blank) < 54
+    for row, is_blank in enumerate(blank):
+        assert bool(mask[row].eq(1).all()) == is_blank
+    assert queries[0] == "q0" and relevance.sum() == 64 * 4, "the inputs are left alone"
+    again, _ = drop_queries(queries, relevance, p=0.5, generator=torch.Generator().manual_seed(0))
+    assert again == kept

@@ -6,6 +6,12 @@
 
 Backgrounds are plain here, so a scene's complexity is its object count (a textured background adds
 detail that no object count measures). One training run serves all three checks.
+
+The model is the tests' micro architecture with an 8x8 latent grid, continuous latents and a 64-wide
+generator: with a 4x4 grid the VQ itself reconstructs barely better than the mean image, so no number
+of tokens can do better, and a 32-wide one-layer generator does not separate simple scenes from busy
+ones within the step budget. There is no pretrained VQ at this size, so the run starts with a VQ
+warm-up (the autoencoder alone), then keeps the VQ encoder fixed as DOVE does with aMUSEd's.
 """
 
 from __future__ import annotations
@@ -22,8 +28,26 @@ from tokenizer import DoveTokenizer
 from tokenizer.train import train_tokenizer
 from tokenizer.training_config import parse_training_setup
 
+METHOD_MODEL = {
+    "preset": MICRO_MODEL["preset"],
+    "overrides": {
+        **MICRO_MODEL["overrides"],
+        "quantize_latents": False,
+        "decoder_hidden_size": 64,
+        "decoder_layers": 2,
+        "vq": {
+            **MICRO_MODEL["overrides"]["vq"],
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [8, 16, 16],
+        },
+        "generator": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
+    },
+}
+
 METHOD_TRAIN = {
-    "max_steps": 300,
+    "max_steps": 1400,
+    "vq_warmup_steps": 400,
     "batch_size": 16,
     "warmup_steps": 20,
     "min_lr_ratio": 0.3,
@@ -31,12 +55,12 @@ METHOD_TRAIN = {
     "lr_generator": 3e-3,
     "lr_decoder": 3e-3,
     "freeze_vq_encoder": True,
-    "codebook_init_images": 128,
+    "vq_reconstruction_weight": 1.0,
     "latent_weight": 1.0,
     "adversarial_weight": 0.0,
     "length_weight_start": 0.01,
     "length_weight_max": 1.0,
-    "length_ramp_steps": 100,
+    "length_ramp_steps": 300,
     "log_every": 5,
     "grid_every": 0,
     "checkpoint_every": 0,
@@ -50,7 +74,7 @@ METHOD_TRAIN = {
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("method")
     data = make_shapes_data(root / "shapes", n=500, seed=0, textured_fraction=0.0)
-    setup = parse_training_setup({"model": MICRO_MODEL, "train": METHOD_TRAIN}, where="method test")
+    setup = parse_training_setup({"model": METHOD_MODEL, "train": METHOD_TRAIN}, where="method test")
     torch.manual_seed(0)
     summary = train_tokenizer(
         setup, data / "images", root / "run", annotations=data / "train" / "annotations.json", progress=False
@@ -62,7 +86,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_reconstruction_loss_falls_clearly(trained):
     _, summary, _ = trained
-    losses = [r["loss/reconstruction"] for r in summary.history]
+    losses = [r["loss/reconstruction"] for r in summary.history if "loss/reconstruction" in r]
     first, last = sum(losses[:2]) / 2, sum(losses[-10:]) / 10
     print(f"reconstruction loss: first logged {first:.4f}, last 10 logged {last:.4f}")
     assert last < 0.6 * first, (first, last)
@@ -73,11 +97,6 @@ def _held_out(data: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: trained from scratch for a few CPU minutes, the generator's tokens stay independent of the "
-    "image (across-image spread ~0.5% of their size), so every held-out scene gets the same length",
-)
 def test_automatic_length_rises_with_object_count(trained):
     data, _, model = trained
     scenes = _held_out(data)

@@ -115,6 +115,34 @@ def test_frozen_vq_stays_put_and_the_rest_trains(tmp_path, shapes):
     assert all(not p.requires_grad for p in trainer.tokenizer.vq.parameters())
 
 
+def test_vq_warmup_trains_only_the_vq_then_freezes_its_encoder(tmp_path, shapes):
+    config = write_config(
+        tmp_path / "run.yaml", max_steps=4, vq_warmup_steps=2, freeze_vq_encoder=True, checkpoint_every=0,
+        adversarial_start_step=100,
+    )  # fmt: skip
+    trainer = TokenizerTrainer(load_training_file(config), shapes / "images", tmp_path / "run", progress=False)
+    encoder = "vq.model.encoder.conv_in.weight"
+    start = {k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}
+    trainer.config.max_steps = 2
+    trainer.train()
+    warmed = {k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}
+    assert not torch.equal(start[encoder], warmed[encoder])  # the encoder trains in the warm-up
+    untouched = [k for k in start if k.startswith(("generator.", "decoder.")) and not torch.equal(start[k], warmed[k])]
+    assert not untouched  # nothing but the VQ has a loss in the warm-up
+    assert "loss/vq_reconstruction" in trainer_history(tmp_path / "run")[0]
+
+    trainer.config.max_steps = 4
+    trainer.train()
+    after = trainer.tokenizer.state_dict()
+    assert torch.equal(warmed[encoder], after[encoder])  # frozen once the warm-up is over
+    assert not torch.equal(warmed["decoder.latent_out.weight"], after["decoder.latent_out.weight"])
+    assert not torch.equal(warmed["vq.model.decoder.conv_out.weight"], after["vq.model.decoder.conv_out.weight"])
+
+
+def trainer_history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_corrupt_image_is_skipped_and_counted_or_fails_with_strict(tmp_path):
     data = make_shapes_data(tmp_path / "shapes", n=8)

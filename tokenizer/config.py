@@ -35,6 +35,9 @@ class DoveConfig:
     decoder_layers: int = 2
     decoder_heads: int = 4
     decoder_mlp_ratio: float = 4.0
+    # False: the VQ's continuous pre-quantisation latents. For an autoencoder trained from scratch the
+    # codebook only slows learning; a pretrained VQGAN (aMUSEd) keeps its quantised latents.
+    quantize_latents: bool = True
     preset: str | None = None
 
     def __post_init__(self) -> None:

@@ -55,7 +55,6 @@ __all__ = [
     "SkippedExample",
     "build_dataset",
     "collate_examples",
-    "drop_queries",
     "list_images",
 ]
 
@@ -472,20 +471,3 @@ def collate_examples(batch: Sequence[dict[str, Any] | SkippedExample | None]) ->
         "skipped_sources": skipped_sources,
         "consumed": len(batch),
     }
-
-
-def drop_queries(batch: dict[str, Any], probability: float, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Q-DOVE query dropout: each query is blanked with `probability`, and its relevance becomes the whole image.
-
-    Returns a new batch dict; draws one uniform number per example from `generator`, so a seeded
-    generator saved with the checkpoint replays the same drops on resume.
-    """
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"query drop probability must lie in [0, 1], got {probability}")
-    queries = list(batch["queries"])
-    drop = torch.rand(len(queries), generator=generator) < probability
-    relevance = batch["relevance"].clone()
-    for row in torch.nonzero(drop).flatten().tolist():
-        queries[row] = ""
-        relevance[row] = 1.0
-    return {**batch, "queries": queries, "relevance": relevance}

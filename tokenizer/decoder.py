@@ -19,8 +19,10 @@ class TokenDecoder(nn.Module):
         self.grid_size = config.grid_size
         self.latent_channels = config.latent_channels
         self.token_in = nn.Linear(config.token_dim, width)
-        self.token_pos = nn.Parameter(torch.randn(config.max_tokens, width) * 0.02)
-        self.grid_queries = nn.Parameter(torch.randn(config.grid_size**2, width) * 0.02)
+        # Unit-scale position tables: with the usual 0.02 every grid cell starts as the same vector and the
+        # decoder needs hundreds of steps before attention tells cells apart (measured on shapes data).
+        self.token_pos = nn.Parameter(torch.randn(config.max_tokens, width))
+        self.grid_queries = nn.Parameter(torch.randn(config.grid_size**2, width))
         layer = nn.TransformerEncoderLayer(
             d_model=width,
             nhead=config.decoder_heads,

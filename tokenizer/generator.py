@@ -38,9 +38,18 @@ class TokenGenerator(nn.Module):
         self.backbone = backbone if backbone is not None else GPTNeoXModel(GPTNeoXConfig(**config.generator))
         hidden = self.backbone.config.hidden_size
         grid_cells = config.grid_size**2
+        # Unit-scale inputs on purpose. A freshly initialised transformer adds only small residual updates
+        # (weights of std 0.02), so a timestep slot's output is mostly its own input at first; with small
+        # visual inputs and large timestep inputs every image got the same tokens and training settled on
+        # the mean image. Normalised visual embeddings, unit-scale grid positions and the raw sinusoidal
+        # table keep image content and position on one scale from the first step, whatever the VQ's scale.
         self.visual_proj = nn.Linear(config.latent_channels, hidden)
-        self.visual_pos = nn.Parameter(torch.randn(grid_cells, hidden) * 0.02)
+        self.visual_norm = nn.LayerNorm(hidden)
+        self.visual_pos = nn.Parameter(torch.randn(grid_cells, hidden))
+        # t_i = sinusoid_i + MLP(sinusoid_i); the MLP's last layer starts at zero, so t_i starts as the table.
         self.timestep_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.timestep_proj[-1].weight)
+        nn.init.zeros_(self.timestep_proj[-1].bias)
         self.token_head = nn.Linear(hidden, config.token_dim)
         self.eos_head = nn.Linear(hidden, 1)
 
@@ -56,9 +65,9 @@ class TokenGenerator(nn.Module):
         """Latent grid [B,C,g,g] (+ left-padded query ids [B,Q]) -> tokens [B,N,D] and EOS logits [B,N]."""
         batch = latents.shape[0]
         dtype = self.visual_proj.weight.dtype
-        visual = self.visual_proj(latents.to(dtype).flatten(2).transpose(1, 2)) + self.visual_pos
+        visual = self.visual_norm(self.visual_proj(latents.to(dtype).flatten(2).transpose(1, 2))) + self.visual_pos
         table = sinusoidal_encoding(self.max_tokens, visual.shape[-1], device=latents.device).to(dtype)
-        timesteps = self.timestep_proj(table).unsqueeze(0).expand(batch, -1, -1)
+        timesteps = (table + self.timestep_proj(table)).unsqueeze(0).expand(batch, -1, -1)
         pieces = [visual]
         masks = [torch.ones(batch, visual.shape[1], dtype=torch.long, device=latents.device)]
         if query_ids is not None and query_ids.shape[1] > 0:

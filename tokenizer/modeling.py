@@ -86,7 +86,7 @@ class DoveTokenizer(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.vq = VQBackbone(config.vq, model=vq_model)
+        self.vq = VQBackbone(config.vq, model=vq_model, quantize=config.quantize_latents)
         self.generator = TokenGenerator(config, backbone=generator_backbone)
         self.decoder = TokenDecoder(config)
         self.image_processor = DoveImageProcessor(config.image_size)

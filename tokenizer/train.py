@@ -1,5 +1,8 @@
 """The DOVE / Q-DOVE tokenizer training loop, on accelerate (one process, or DDP under `accelerate launch` / `torchrun`).
 
+The first `vq_warmup_steps` steps (0 by default) train only the VQ autoencoder, MSE(VQ(pixels), pixels)
+plus its codebook loss: a VQ trained from scratch must mean something before tokens can describe it.
+
 One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per step):
 
     pixels, query --model--> all N tokens, EOS logits, the VQ's latents of the input
@@ -9,6 +12,7 @@ One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per s
     loss = region-weighted MSE (+ LPIPS)                                   reconstruction, Q-DOVE-aware
          + latent_weight * MSE(decoded latents, input latents)           optional
          + codebook_weight * VQ codebook/commitment loss                 only while the VQ trains
+         + vq_reconstruction_weight * MSE(VQ decoder(input latents), pixels)  optional, VQ decoder trains
          + adversarial_weight * adaptive * hinge_g(D(reconstruction))   from `adversarial_start_step`
          + length control (EOS earlier when the sample beat the running threshold, later when not)
     then the discriminator takes its own hinge step on (input, reconstruction).
@@ -103,8 +107,14 @@ class TrainingModel(nn.Module):
         query_ids: torch.Tensor | None,
         query_mask: torch.Tensor | None,
         choose_lengths: Callable[[torch.Tensor], torch.Tensor],
+        vq_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         model = self.tokenizer
+        if vq_only:  # the VQ autoencoder alone (warm-up)
+            latents = model.vq.encode(pixels)
+            codebook = self._codebook_loss if self._codebook_loss is not None else latents.new_zeros(())
+            self._codebook_loss = None
+            return {"vq_recon": model.vq.decode(latents), "codebook_loss": codebook}
         tokens, eos_logits, target_latents = model(pixels, query_ids, query_mask)
         with torch.no_grad():
             predicted = lengths_from_eos(
@@ -133,7 +143,7 @@ def parameter_groups(tokenizer: DoveTokenizer, config: TrainConfig) -> list[dict
     Biases, norms and learned position/query tables skip weight decay (the usual transformer recipe).
     """
     parts = [("decoder", tokenizer.decoder, config.lr_decoder), ("generator", tokenizer.generator, config.lr_generator)]
-    if not config.freeze_vq:
+    if not config.freeze_vq or config.vq_warmup_steps > 0:  # a frozen VQ still trains during its warm-up
         parts.insert(0, ("vq", tokenizer.vq, config.lr_vq))
     groups = []
     for name, module, lr in parts:
@@ -236,12 +246,9 @@ class TokenizerTrainer:
         set_seed(config.seed)  # the same initial weights on every process
 
         tokenizer = build_tokenizer(setup.model)
-        if config.freeze_vq:
-            tokenizer.vq.requires_grad_(False)
-        elif config.freeze_vq_encoder:
-            for part in (tokenizer.vq.model.encoder, tokenizer.vq.model.quant_conv, tokenizer.vq.model.quantize):
-                part.requires_grad_(False)
         self.tokenizer = tokenizer
+        if config.vq_warmup_steps == 0:
+            self._freeze_vq_parts()
         self.dataset = build_dataset(
             data, annotations, image_size=tokenizer.config.image_size, strict=strict, **(dataset_kwargs or {})
         )
@@ -309,6 +316,19 @@ class TokenizerTrainer:
         if checkpoint is not None:
             self._restore(checkpoint)
 
+    def _freeze_vq_parts(self) -> None:
+        """Apply `freeze_vq` / `freeze_vq_encoder`: from the start, or once the VQ warm-up is over."""
+        vq = self.tokenizer.vq
+        if self.config.freeze_vq:
+            vq.requires_grad_(False)
+        elif self.config.freeze_vq_encoder:
+            for part in (vq.model.encoder, vq.model.quant_conv, vq.model.quantize):
+                part.requires_grad_(False)
+
+    @property
+    def in_vq_warmup(self) -> bool:
+        return self.step < self.config.vq_warmup_steps
+
     # ------------------------------------------------------------------ resume
 
     def _find_checkpoint(self, resume: bool | str | os.PathLike) -> TrainingCheckpoint | None:
@@ -339,6 +359,8 @@ class TokenizerTrainer:
         self.length_control.load_state_dict(state["length_control"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = checkpoint.step
+        if self.config.vq_warmup_steps and not self.in_vq_warmup:
+            self._freeze_vq_parts()
         self.skipped_images = int(state.get("skipped_images", 0))
         self.images_seen = int(state.get("images_seen", 0))
         # Last: everything above may draw random numbers; the run continues from the saved streams.
@@ -407,7 +429,36 @@ class TokenizerTrainer:
         area = relevance_weights(relevance, torch.Size(shape), self.config.region_lambda).mean(dim=(1, 2, 3))
         return per_sample * area.to(per_sample.dtype)
 
-    def _micro_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def _vq_warmup_step(self, batch: dict[str, Any], log: bool) -> dict[str, float]:
+        """One micro-step of the VQ autoencoder alone. On logging steps the token path's reconstruction loss
+        is measured too (no gradient), so `loss/reconstruction` means the same thing throughout a run."""
+        accelerator, config = self.accelerator, self.config
+        pixels = batch["pixels"].to(accelerator.device)
+        with accelerator.accumulate(self.train_model, self.disc_model):
+            out = self.train_model(pixels, None, None, self._choose_lengths, vq_only=True)
+            vq_rec = F.mse_loss(out["vq_recon"].float(), pixels.float())
+            total = vq_rec
+            if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
+                total = total + config.codebook_weight * out["codebook_loss"]
+            accelerator.backward(total)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.train_model.parameters(), config.max_grad_norm)
+            self.gen_optimizer.step()
+            self.gen_optimizer.zero_grad(set_to_none=True)
+        logs = {"loss/vq_reconstruction": vq_rec.item(), "loss/total": total.item(), "length/predicted_mean": 0.0}
+        if log:
+            with torch.no_grad():
+                model = accelerator.unwrap_model(self.train_model)
+                token_path = model(pixels, None, None, self._choose_lengths)
+                logs["loss/reconstruction"] = self.rec_loss(token_path["recon"], pixels).total.item()
+                logs["length/predicted_mean"] = token_path["predicted_lengths"].float().mean().item()
+        return logs
+
+    def _micro_step(self, batch: dict[str, Any], log: bool = False) -> dict[str, float]:
+        if self.in_vq_warmup:
+            return self._vq_warmup_step(batch, log)
+        if self.config.vq_warmup_steps and self.step == self.config.vq_warmup_steps:
+            self._freeze_vq_parts()  # idempotent; the first step after the warm-up
         accelerator, config = self.accelerator, self.config
         device = accelerator.device
         pixels = batch["pixels"].to(device)
@@ -505,7 +556,8 @@ class TokenizerTrainer:
                     self.skipped_images += batch["skipped"]
                     if not self._all_processes_have_images(batch):
                         continue
-                    logs = self._micro_step(batch)
+                    will_log = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.max_steps
+                    logs = self._micro_step(batch, log=will_log)
                     self.images_seen += batch["pixels"].shape[0] * accelerator.num_processes
                     micro += 1
                     if micro % config.gradient_accumulation_steps:
@@ -521,7 +573,8 @@ class TokenizerTrainer:
                         logs["throughput/images_per_s"] = (self.images_seen - images_at_start) / elapsed
                         self._log(logs, metrics_path, history)
                         bar.set_postfix(
-                            rec=f"{logs['loss/reconstruction']:.4f}", len=f"{logs['length/predicted_mean']:.1f}"
+                            rec=f"{logs.get('loss/reconstruction', float('nan')):.4f}",
+                            len=f"{logs['length/predicted_mean']:.1f}",
                         )
                     if config.grid_every and self.step % config.grid_every == 0:
                         self.save_grid()

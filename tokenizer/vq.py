@@ -14,8 +14,11 @@ from torch import nn
 
 
 class VQBackbone(nn.Module):
-    def __init__(self, vq_config: dict[str, Any] | None = None, model: VQModel | None = None) -> None:
+    def __init__(
+        self, vq_config: dict[str, Any] | None = None, model: VQModel | None = None, quantize: bool = True
+    ) -> None:
         super().__init__()
+        self.quantize = quantize
         if model is None:
             if vq_config is None:
                 raise ValueError("VQBackbone needs a vq_config or a VQModel")
@@ -37,9 +40,12 @@ class VQBackbone(nn.Module):
         return next(self.model.parameters()).device
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B,3,H,W] in [0,1] -> quantized latent grid [B,C,g,g] (straight-through gradients)."""
+        """Pixels [B,3,H,W] in [0,1] -> latent grid [B,C,g,g]: quantized (straight-through gradients), or the
+        continuous pre-quantisation latents when built with `quantize=False`."""
         with torch.autocast(device_type=pixels.device.type, enabled=False):
             hidden = self.model.quant_conv(self.model.encoder(pixels.float()))
+            if not self.quantize:
+                return hidden
             quantized, _, _ = self.model.quantize(hidden)
         return quantized
 
