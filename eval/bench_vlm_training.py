@@ -36,6 +36,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from llava_adapter import add_image_token
+from llava_adapter.conversation import tower_query
 from llava_adapter.data import LlavaConversationDataset
 from llava_adapter.sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded_lengths, padding_share
 from llava_adapter.vision_tower import DoveVisionTower
@@ -71,8 +72,10 @@ def prepare(workdir: Path, n_images: int, llm_hidden: int, llm_layers: int, seed
         pixels = torch.cat(
             [tower.image_processor.preprocess(str(shapes / "images" / r["image"]))["pixel_values"] for r in sample]
         )
-        queries = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in sample]
-        calibrate_eos_head(tower, pixels, queries, seed=seed)
+        # The tower's queries as training and inference build them (answer-format instructions stripped).
+        queries = [tower_query(r["conversations"][0]["value"].replace("<image>", "").strip()) for r in sample]
+        # Calibrated on each image with and without its query, so both uses get input-dependent lengths.
+        calibrate_eos_head(tower, torch.cat([pixels, pixels]), [None] * len(queries) + queries, seed=seed)
         tower.save_pretrained(tower_dir)
     return {"data": shapes / "train" / "llava.json", "images": shapes / "images", "llm": llm_dir, "tower": tower_dir}
 

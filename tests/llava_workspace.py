@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dove_vlm.shapes import make_shapes
+from llava_adapter.conversation import tower_query
 from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
 
@@ -44,8 +45,9 @@ def build_workspace(root: Path, n_images: int = 16, seed: int = 0, arch: str = "
     pixels = torch.cat(
         [tower.image_processor.preprocess(str(summary.images_dir / r["image"]))["pixel_values"] for r in sample]
     )
-    questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in sample]
-    calibrate_eos_head(tower, pixels, questions, seed=seed)
+    # The tower's queries as the dataset builds them (answer-format instructions stripped), with and without.
+    questions = [tower_query(r["conversations"][0]["value"].replace("<image>", "").strip()) for r in sample]
+    calibrate_eos_head(tower, torch.cat([pixels, pixels]), [None] * len(questions) + questions, seed=seed)
     tower_dir = root / "tower"
     tower.save_pretrained(tower_dir)
     return Workspace(root, summary.llava["train"], summary.images_dir, llm_dir, tower_dir)

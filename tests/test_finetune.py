@@ -222,7 +222,8 @@ def test_lora_stage2_saves_reloads_and_merges_to_the_same_logits(workspace, toke
     assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "llm").is_dir()
     merged = DoveLlavaForCausalLM.from_pretrained(merged_dir)
     assert not is_lora_wrapped(merged.llm)
-    torch.testing.assert_close(logits_of(merged, batch), trained, rtol=0, atol=1e-5)
+    # W + BA rounded once to float32 is not bitwise the unmerged W x + B(A x): float32 noise, not a change
+    torch.testing.assert_close(logits_of(merged, batch), trained, rtol=0, atol=5e-5)
     assert cli_main(["merge-lora", "--model", str(merged_dir), "--output", str(tmp_path / "again")]) == 2
 
 
