@@ -10,7 +10,7 @@ One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per s
     training length  = the predicted one or a uniform draw (`sample_training_lengths`), per sample
     tokens[:L] --token decoder--> latent grid --VQ decoder--> reconstruction
     loss = region-weighted MSE (+ LPIPS)                                   reconstruction, Q-DOVE-aware
-         + latent_weight * MSE(decoded latents, input latents)           optional
+         + latent_weight * MSE(decoded latents, input latents) / Var(input latents)   optional
          + codebook_weight * VQ codebook/commitment loss                 only while the VQ trains
          + vq_reconstruction_weight * MSE(VQ decoder(input latents), pixels)  optional, VQ decoder trains
          + adversarial_weight * adaptive * hinge_g(D(reconstruction))   from `adversarial_start_step`
@@ -479,7 +479,10 @@ class TokenizerTrainer:
             if self.rec_loss.perceptual is not None:
                 logs["loss/perceptual"] = rec.perceptual.item()
             if config.latent_weight > 0:
-                latent = F.mse_loss(out["latents"].float(), out["target_latents"].detach().float())
+                # Relative to the latents' own variance: scale-free, so one weight suits aMUSEd's latents and a
+                # from-scratch encoder's unbounded continuous ones (raw MSE reached 30 there and drowned the rest).
+                target = out["target_latents"].detach().float()
+                latent = F.mse_loss(out["latents"].float(), target) / target.var().clamp(min=1e-6)
                 total = total + config.latent_weight * latent
                 logs["loss/latent"] = latent.item()
             if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:

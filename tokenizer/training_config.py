@@ -57,7 +57,7 @@ class TrainConfig:
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
     perceptual_weights: str | None = None  # VGG16 weights (path or hub id); required when perceptual_weight > 0
-    latent_weight: float = 0.0  # MSE between decoded latents and the VQ's own latents of the input
+    latent_weight: float = 0.0  # MSE of decoded latents against the VQ's own latents, over their variance
     codebook_weight: float = 1.0  # the VQ's codebook + commitment loss; used only while the VQ trains
     vq_reconstruction_weight: float = 0.0  # MSE of the VQ decoding its own latents; needs a trainable VQ decoder
     # > 0: the first steps train only the VQ autoencoder (pixels -> latents -> pixels), as a pretrained VQGAN
