@@ -43,7 +43,7 @@ def bench_one(preset: str, batch: int, steps: int, warmup_vq: int, log_every: in
     train = {
         "max_steps": warmup_vq + steps, "vq_warmup_steps": warmup_vq, "batch_size": batch, "log_every": log_every,
         "checkpoint_every": 0, "grid_every": 0, "tracker": "none", "num_workers": 0, "adversarial_weight": 0.0,
-        "mixed_precision": precision, "vq_reconstruction_weight": 1.0,
+        "mixed_precision": precision,
     }  # fmt: skip
     setup = parse_training_setup({"model": {"preset": preset}, "train": train}, where="benchmark")
     if torch.cuda.is_available():

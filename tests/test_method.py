@@ -55,7 +55,6 @@ METHOD_TRAIN = {
     "lr_generator": 3e-3,
     "lr_decoder": 3e-3,
     "freeze_vq_encoder": True,
-    "vq_reconstruction_weight": 1.0,
     "latent_weight": 1.0,
     "adversarial_weight": 0.0,
     "length_weight_start": 0.01,

@@ -12,7 +12,6 @@ One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per s
     loss = region-weighted MSE (+ LPIPS)                                   reconstruction, Q-DOVE-aware
          + latent_weight * MSE(decoded latents, input latents) / Var(input latents)   optional
          + codebook_weight * VQ codebook/commitment loss                 only while the VQ trains
-         + vq_reconstruction_weight * MSE(VQ decoder(input latents), pixels)  optional, VQ decoder trains
          + adversarial_weight * adaptive * hinge_g(D(reconstruction))   from `adversarial_start_step`
          + length control (EOS earlier when the sample beat the running threshold, later when not)
     then the discriminator takes its own hinge step on (input, reconstruction).

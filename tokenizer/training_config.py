@@ -59,7 +59,6 @@ class TrainConfig:
     perceptual_weights: str | None = None  # VGG16 weights (path or hub id); required when perceptual_weight > 0
     latent_weight: float = 0.0  # MSE of decoded latents against the VQ's own latents, over their variance
     codebook_weight: float = 1.0  # the VQ's codebook + commitment loss; used only while the VQ trains
-    vq_reconstruction_weight: float = 0.0  # MSE of the VQ decoding its own latents; needs a trainable VQ decoder
     # > 0: the first steps train only the VQ autoencoder (pixels -> latents -> pixels), as a pretrained VQGAN
     # would arrive; `freeze_vq` / `freeze_vq_encoder` apply from then on. For VQs trained from scratch.
     vq_warmup_steps: int = 0
@@ -97,7 +96,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         non_negative = (
             "warmup_steps", "num_workers", "weight_decay", "max_grad_norm", "mse_weight", "perceptual_weight",
-            "latent_weight", "codebook_weight", "vq_reconstruction_weight", "vq_warmup_steps", "adversarial_weight", "adversarial_start_step",
+            "latent_weight", "codebook_weight", "vq_warmup_steps", "adversarial_weight", "adversarial_start_step",
             "length_weight_start", "length_weight_max", "length_ramp_steps", "grid_every", "grid_images",
             "checkpoint_every", "keep_checkpoints", "torch_threads", "codebook_init_images",
             "lr_vq", "lr_generator", "lr_decoder", "lr_discriminator",
