@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-
-def _rss_peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vlm_training import _status_kib  # the /proc/self/status reader the other benchmarks use
 
 
 def _reset_rss_peak() -> None:
@@ -69,7 +66,7 @@ def bench_one(preset: str, batch: int, steps: int, warmup_vq: int, log_every: in
         "preset": preset, "batch": batch, "precision": precision,
         "vq_warmup_img_s": rate(warm[0], warm[-1]) if warm else float("nan"),
         "dove_img_s": rate(dove[0], dove[-1]) if dove else float("nan"),
-        "peak_rss_mib": _rss_peak_mib(),
+        "peak_rss_mib": _status_kib("VmHWM") / 1024,
     }  # fmt: skip
     if torch.cuda.is_available():
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
