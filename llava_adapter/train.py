@@ -65,7 +65,7 @@ class FinetuneArguments:
     pretrained_projector: str | None = None
     template: str | None = None
     use_query: bool = True
-    tower_trainable: str = "none"
+    tower_trainable: str | None = None  # None: the saved model's part with `model`, else "none"
     threshold: float | None = None
     budget: int | None = None
     model_max_length: int | None = None
@@ -152,6 +152,9 @@ def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTraine
             )
         if args.model_max_length is not None:
             model.config.model_max_length = args.model_max_length
+        if args.tower_trainable is not None:
+            model.vision_tower.set_trainable(args.tower_trainable)
+            model.config.tower_trainable = args.tower_trainable
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(args.tokenizer or args.llm))
     add_image_token(tokenizer)
@@ -160,7 +163,7 @@ def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTraine
         args.tower,
         projector_type=args.projector_type,
         tokenizer=tokenizer,
-        tower_trainable=args.tower_trainable,
+        tower_trainable=args.tower_trainable or "none",
         use_query=args.use_query,
         threshold=args.threshold,
         budget=args.budget,

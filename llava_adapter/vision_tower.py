@@ -82,6 +82,15 @@ class DoveVisionTower(nn.Module):
         self._attach(tokenizer)
         self.image_processor = tokenizer.image_processor
 
+    def set_trainable(self, part: str) -> None:
+        """Choose the tower part that trains (e.g. stage 2 continuing a saved stage-1 model)."""
+        if part not in TRAINABLE_PARTS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_PARTS}, got {part!r}")
+        self.trainable = part
+        if self.is_loaded:
+            self._attach(self.tokenizer)
+            self.train(self.training)
+
     def _attach(self, tokenizer: DoveTokenizer) -> None:
         self.tokenizer = tokenizer
         tokenizer.requires_grad_(False)

@@ -30,6 +30,7 @@ from llava_adapter.train import (
     FinetuneArguments,
     configure_trainable,
     finetune,
+    load_model,
     trainable_parameter_groups,
 )
 
@@ -150,6 +151,20 @@ def test_stage2_lora_leaves_tower_and_projector_without_adapters(workspace, toke
         assert group.get("lr") == (2e-5 if all(in_projector) else None)
         assert group["weight_decay"] in (0.0, 0.1)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_stage2_from_a_saved_model_trains_the_tower_part_it_is_asked_to(workspace, tokenizer, tmp_path):
+    saved = tmp_path / "stage1"
+    fresh_model(workspace, tokenizer).save_pretrained(saved)  # saved with the tower frozen
+    tokenizer.save_pretrained(saved)
+
+    def tower_trainable(**overrides):
+        args = FinetuneArguments(stage=2, data="d.json", output_dir="o", model=str(saved), **overrides)
+        model = configure_trainable(load_model(args)[0], args)
+        return {name.split(".")[1] for name, p in model.vision_tower.named_parameters() if p.requires_grad}
+
+    assert tower_trainable() == set()  # the saved model's choice
+    assert tower_trainable(tower_trainable="generator") == {"generator"}
 
 
 def test_finetune_refuses_contradictory_arguments(tmp_path, capsys):

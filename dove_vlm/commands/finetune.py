@@ -39,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     start.add_argument(
         "--tower-trainable",
-        default="none",
+        default=None,
         choices=("none", "eos_head", "generator"),
-        help="tower part trained in stage 2",
+        help="tower part trained in stage 2 (default: none, or what --model was saved with)",
     )
     start.add_argument("--threshold", type=float, help="tower EOS threshold (default: the tower's)")
     start.add_argument("--budget", type=int, help="force every image to this many visual tokens")
