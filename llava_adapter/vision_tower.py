@@ -173,8 +173,11 @@ class DoveVisionTower(nn.Module):
         # A frozen tower computes in its own dtype even inside a training step's autocast, so the lengths
         # it picks while training are the lengths inference (and the visual-length cache) sees.
         frozen = not self.has_trainable_parameters
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen), torch.autocast(
-            device_type=pixels.device.type, enabled=not frozen and torch.is_autocast_enabled(pixels.device.type)
+        with (
+            torch.set_grad_enabled(torch.is_grad_enabled() and not frozen),
+            torch.autocast(
+                device_type=pixels.device.type, enabled=not frozen and torch.is_autocast_enabled(pixels.device.type)
+            ),
         ):
             tokens, eos_logits, _ = self.tokenizer(pixels, *(query or (None, None)))
         if forced is not None:

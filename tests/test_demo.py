@@ -1,0 +1,195 @@
+"""The offline demo: its plan of commands, the report's accuracy check, the tiny-LLM command, and (slow) the whole
+`dove-vlm demo --fast` run with every figure and table of its report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dove_vlm.cli import main as cli_main
+from dove_vlm.demo import FAST, FULL, STEP_NAMES, DemoPaths, build_steps, parse_steps, write_tokenizer_config
+from dove_vlm.report import FIGURES, REQUIRED_MARGIN, EvalRow, accuracy_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("recipe", [FULL, FAST], ids=["full", "fast"])
+def test_every_step_is_a_dove_vlm_command_writing_under_the_output_dir(recipe, tmp_path):
+    paths = DemoPaths(tmp_path / "demo")
+    steps = build_steps(recipe, paths)
+    assert [s.name for s in steps] == list(STEP_NAMES)
+    for step in steps:
+        line = step.command_line
+        assert line.startswith(("dove-vlm ", "deepspeed ")), line
+        if step.argv is not None:
+            assert str(tmp_path / "demo") in line
+    by_name = {s.name: s for s in steps}
+    for stage in ("stage1", "stage2"):
+        line = by_name[stage].command_line
+        assert "--module dove_vlm.cli finetune" in line and "scripts/zero2.json" in line, line
+    assert "--stage 2 --model " + str(paths.stage1) in by_name["stage2"].command_line
+    assert ("--lora" in by_name["stage2"].display) == recipe.stage2_lora
+    evaluation = by_name["eval"].display
+    assert evaluation[evaluation.index("--query") + 1] == "both"
+    budgets = evaluation[evaluation.index("--budgets") + 1].split(",")
+    assert budgets[0] == "auto" and len(budgets) >= 3
+
+
+def test_the_fast_recipe_is_smaller_than_the_full_one():
+    assert FAST.n_images < FULL.n_images
+    assert FAST.tokenizer_train["max_steps"] < FULL.tokenizer_train["max_steps"]
+
+
+def test_steps_are_parsed_in_pipeline_order_and_unknown_names_are_refused():
+    assert parse_steps(None) == list(STEP_NAMES)
+    assert parse_steps("report,eval") == ["eval", "report"]
+    with pytest.raises(ValueError, match="unknown step"):
+        parse_steps("eval,plot")
+
+
+def test_the_tokenizer_config_is_a_training_file_train_tokenizer_accepts(tmp_path):
+    from tokenizer.training_config import load_training_file
+
+    setup = load_training_file(write_tokenizer_config(FULL, tmp_path / "tokenizer.yaml"))
+    assert setup.model.preset == FULL.tokenizer_model["preset"]
+    assert setup.model.overrides["image_size"] == FULL.tokenizer_model["overrides"]["image_size"]
+    assert setup.train.max_steps == FULL.tokenizer_train["max_steps"]
+
+
+def test_re_running_steps_refuses_a_directory_made_with_the_other_recipe(tmp_path):
+    from dove_vlm.demo import run_demo, save_state
+
+    paths = DemoPaths(tmp_path)
+    save_state(paths, FULL, {})
+    with pytest.raises(ValueError, match="'full' demo"):
+        run_demo(tmp_path, fast=True, steps=["report"], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- the check
+
+
+def _row(query: str, budget: str, accuracy: float, n: int) -> EvalRow:
+    setting = "blind" if not query else f"query-{query}_budget-{budget}"
+    return EvalRow(setting, query, budget, accuracy, n, 8.0, 8.0, 12.0, 10.0)
+
+
+def test_the_accuracy_check_uses_query_on_automatic_length_against_the_blind_row():
+    rows = [_row("on", "auto", 0.80, 100), _row("off", "auto", 0.95, 100), _row("on", "4", 0.99, 100)]
+    check = accuracy_check(rows, _row("", "", 0.40, 100))
+    assert check.accuracy == 0.80 and check.blind == 0.40
+    assert math.isclose(check.margin, 0.40) and check.passed
+    failing = accuracy_check([_row("on", "auto", 0.40 + REQUIRED_MARGIN - 0.01, 100)], _row("", "", 0.40, 100))
+    assert not failing.passed
+
+
+def test_the_accuracy_check_refuses_a_blind_baseline_from_other_questions():
+    with pytest.raises(ValueError, match="not the same split"):
+        accuracy_check([_row("on", "auto", 0.8, 100)], _row("", "", 0.4, 90))
+
+
+# ---------------------------------------------------------------------------------------------- make-tiny-llm
+
+
+def test_make_tiny_llm_writes_a_model_and_tokenizer_that_load_back(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dove_vlm.shapes import make_shapes
+
+    summary = make_shapes(tmp_path / "shapes", n=6, seed=0, test_fraction=0.0, progress=False)
+    out = tmp_path / "llm"
+    code = cli_main(["make-tiny-llm", "--data", str(summary.llava["train"]), "--output", str(out),
+                     "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab-size", "300"])  # fmt: skip
+    assert code == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert "<image>" in tokenizer.get_vocab() and tokenizer.chat_template
+
+
+def test_make_tiny_llm_names_a_bad_argument(tmp_path, capsys):
+    assert cli_main(["make-tiny-llm", "--data", str(tmp_path / "missing.json"), "--output", str(tmp_path)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    assert cli_main(["make-tiny-llm", "--data", str(data), "--output", str(tmp_path / "o"), "--hidden", "30"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+
+def _table_after(text: str, heading: str) -> list[list[str]]:
+    """The first markdown table after `heading`, as rows of cells (header first, separator dropped)."""
+    section = text.split(heading, 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            if set(line) <= {"|", "-"}:
+                continue
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows
+
+
+@pytest.mark.slow
+def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "dove_vlm.cli", "demo", "--fast", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1500, check=False)  # fmt: skip
+    assert done.returncode == 0, f"demo failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
+    report = (out / "report.md").read_text()
+
+    for name in FIGURES.values():
+        figure = out / "figures" / name
+        assert f"(figures/{name})" in report
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for heading in ("Reconstruction quality", "mean automatic length", "## Evaluation", "Accuracy per question type",
+                    "## Time per step"):  # fmt: skip
+        assert heading in report, heading
+    assert re.search(r"Spearman rho = (-?\d\.\d\d|n/a) with the object count", report)
+
+    # every step's command is listed, in order
+    commands = re.findall(r"```bash\n(.+?)\n```", report)
+    assert [c.split()[1] if c.startswith("dove-vlm") else "finetune" for c in commands] == [
+        "make-shapes", "train-tokenizer", "make-tiny-llm", "finetune", "finetune", "eval-vqa", "demo",
+    ]  # fmt: skip
+
+    # the evaluation table: query on and off, automatic and fixed budgets, and the blind baseline
+    table = _table_after(report, "## Evaluation")
+    settings = {(row[0], row[1]) for row in table[1:]}
+    for query in ("on", "off"):
+        assert (query, "auto") in settings
+        assert {(query, str(b)) for b in FAST.eval_budgets} <= settings
+    assert any(row[0].startswith("blind") for row in table)
+
+    # the accuracy check compares with the blind baseline recomputed here on the very questions evaluated
+    from dove_vlm.shapes import blind_baseline_accuracy
+
+    with open(out / "eval" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    headline = next(r for r in rows if r["query"] == "on" and r["budget"] == "auto")
+    blind = next(r for r in rows if r["setting"] == "blind")
+    train = json.loads((out / "data" / "train" / "annotations.json").read_text())
+    test = json.loads((out / "data" / "test" / "annotations.json").read_text())
+    assert int(headline["n"]) == int(blind["n"]) == len(test)
+    expected_blind = blind_baseline_accuracy(train, test)
+    assert math.isclose(float(blind["accuracy"]), expected_blind)
+    check = re.search(r"query on, automatic length: \*\*([\d.]+)%\*\*.*?same questions.*?\*\*([\d.]+)%\*\*", report,
+                      re.DOTALL)  # fmt: skip
+    assert check, "the report states the accuracy check"
+    assert math.isclose(float(check.group(1)), 100 * float(headline["accuracy"]), abs_tol=0.05)
+    assert math.isclose(float(check.group(2)), 100 * expected_blind, abs_tol=0.05)
+
+    state = json.loads((out / "demo.json").read_text())
+    assert set(state["timings"]) == set(STEP_NAMES)
