@@ -139,6 +139,29 @@ def test_vq_warmup_trains_only_the_vq_then_freezes_its_encoder(tmp_path, shapes)
     assert not torch.equal(warmed["vq.model.decoder.conv_out.weight"], after["vq.model.decoder.conv_out.weight"])
 
 
+def test_full_length_steps_decode_from_every_token_before_lengths_vary(tmp_path, shapes):
+    config = write_config(
+        tmp_path / "run.yaml", max_steps=5, vq_warmup_steps=1, full_length_steps=2, uniform_length_fraction=1.0,
+        checkpoint_every=0, adversarial_start_step=100, log_every=1,
+    )  # fmt: skip
+    trainer = TokenizerTrainer(load_training_file(config), shapes / "images", tmp_path / "run", progress=False)
+    max_tokens = trainer.tokenizer.config.max_tokens
+    tau_before = trainer.length_control.threshold
+    trainer.config.max_steps = 3  # the warm-up step and both full-length steps
+    trainer.train()
+    history = trainer_history(tmp_path / "run")
+    assert [r.get("length/trained_mean") for r in history[1:3]] == [max_tokens, max_tokens]
+    assert all("loss/length" not in r for r in history[1:3])
+    assert trainer.length_control.threshold == tau_before  # full-length errors would bias the threshold low
+
+    trainer.config.max_steps = 5
+    trainer.train()
+    history = trainer_history(tmp_path / "run")
+    assert all("loss/length" in r for r in history[3:5])
+    lengths = torch.stack([trainer._choose_lengths(torch.ones(64, dtype=torch.long)) for _ in range(2)])
+    assert lengths.min() < max_tokens  # uniform draws again
+
+
 def trainer_history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 

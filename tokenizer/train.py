@@ -2,6 +2,8 @@
 
 The first `vq_warmup_steps` steps (0 by default) train only the VQ autoencoder, MSE(VQ(pixels), pixels)
 plus its codebook loss: a VQ trained from scratch must mean something before tokens can describe it.
+The next `full_length_steps` (0 by default) decode every image from all N tokens, without length control:
+tokens first learn to describe the image, then to put what matters most first.
 
 One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per step):
 
@@ -407,8 +409,15 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    @property
+    def in_full_length_phase(self) -> bool:
+        start = self.config.vq_warmup_steps
+        return start <= self.step < start + self.config.full_length_steps
+
     def _choose_lengths(self, predicted: torch.Tensor) -> torch.Tensor:
         cfg = self.tokenizer.config
+        if self.in_full_length_phase:
+            return torch.full_like(predicted.cpu(), cfg.max_tokens)
         return sample_training_lengths(
             predicted.cpu(), cfg.max_tokens, cfg.min_tokens, self.config.uniform_length_fraction, generator=self.rng
         )
@@ -500,9 +509,11 @@ class TokenizerTrainer:
                 logs["loss/generator_adversarial"] = g_loss.item()
                 logs["adversarial/adaptive_weight"] = weight.item()
             judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
-            length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
-            total = total + length_loss
-            logs["loss/length"] = length_loss.item()
+            full_length = self.in_full_length_phase
+            if not full_length:  # at full length every sample is judged at N tokens: nothing to learn or track
+                length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
+                total = total + length_loss
+                logs["loss/length"] = length_loss.item()
             logs["loss/total"] = total.item()
 
             accelerator.backward(total)
@@ -525,9 +536,11 @@ class TokenizerTrainer:
                 logs["loss/discriminator"] = d_loss.item()
 
         # tau must be the same on every process: record the all-reduced batch mean.
-        batch_mean = accelerator.reduce(judged.detach().mean(), reduction="mean")
-        self.length_control.update(batch_mean)
-        logs["length/threshold"] = float(self.length_control.threshold)
+        if not full_length:
+            batch_mean = accelerator.reduce(judged.detach().mean(), reduction="mean")
+            self.length_control.update(batch_mean)
+        if self.length_control.threshold is not None:
+            logs["length/threshold"] = float(self.length_control.threshold)
         logs["length/predicted_mean"] = out["predicted_lengths"].float().mean().item()
         logs["length/trained_mean"] = out["lengths"].float().mean().item()
         return logs

@@ -62,6 +62,10 @@ class TrainConfig:
     # > 0: the first steps train only the VQ autoencoder (pixels -> latents -> pixels), as a pretrained VQGAN
     # would arrive; `freeze_vq` / `freeze_vq_encoder` apply from then on. For VQs trained from scratch.
     vq_warmup_steps: int = 0
+    # > 0: the first steps of the token path (after any VQ warm-up) decode every image from all N tokens, with
+    # no length loss. Trained on random prefixes from the start, a small generator settles on the mean image:
+    # the short prefixes teach it to spend its first token on overall brightness, and it stays there.
+    full_length_steps: int = 0
     codebook_init_images: int = 0  # > 0: reset the VQ codebook to encoder outputs of this many images (from scratch)
     region_lambda: float = 0.1  # Q-DOVE: weight of pixels outside the query's boxes
     query_drop_prob: float = 0.5
@@ -96,7 +100,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         non_negative = (
             "warmup_steps", "num_workers", "weight_decay", "max_grad_norm", "mse_weight", "perceptual_weight",
-            "latent_weight", "codebook_weight", "vq_warmup_steps", "adversarial_weight", "adversarial_start_step",
+            "latent_weight", "codebook_weight", "vq_warmup_steps", "full_length_steps", "adversarial_weight", "adversarial_start_step",
             "length_weight_start", "length_weight_max", "length_ramp_steps", "grid_every", "grid_images",
             "checkpoint_every", "keep_checkpoints", "torch_threads", "codebook_init_images",
             "lr_vq", "lr_generator", "lr_decoder", "lr_discriminator",
