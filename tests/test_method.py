@@ -22,28 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import spearmanr
-from tokenizer_training_helpers import MICRO_MODEL, make_shapes_data
+from tokenizer_training_helpers import make_shapes_data
 
+from dove_vlm.demo import DEMO_TOKENIZER_MODEL
 from tokenizer import DoveTokenizer
 from tokenizer.train import train_tokenizer
 from tokenizer.training_config import parse_training_setup
 
-METHOD_MODEL = {
-    "preset": MICRO_MODEL["preset"],
-    "overrides": {
-        **MICRO_MODEL["overrides"],
-        "quantize_latents": False,
-        "decoder_hidden_size": 64,
-        "decoder_layers": 2,
-        "vq": {
-            **MICRO_MODEL["overrides"]["vq"],
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [8, 16, 16],
-        },
-        "generator": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
-    },
-}
+# The demo's tokenizer: the same micro architecture serves the method check and the CPU demo.
+METHOD_MODEL = DEMO_TOKENIZER_MODEL
 
 METHOD_TRAIN = {
     "max_steps": 1400,
