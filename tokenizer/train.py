@@ -508,9 +508,9 @@ class TokenizerTrainer:
                 total = total + config.adversarial_weight * weight * g_loss
                 logs["loss/generator_adversarial"] = g_loss.item()
                 logs["adversarial/adaptive_weight"] = weight.item()
-            judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
             full_length = self.in_full_length_phase
             if not full_length:  # at full length every sample is judged at N tokens: nothing to learn or track
+                judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
                 length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
                 total = total + length_loss
                 logs["loss/length"] = length_loss.item()
