@@ -60,6 +60,7 @@ class DemoRecipe:
     seed: int = 0
     textured_fraction: float = 0.0
     test_fraction: float = 0.2
+    object_scale: float = 1.0
     # tokenizer (dove-vlm train-tokenizer): the training YAML's `model:` and `train:` sections
     tokenizer_model: dict[str, Any] = field(default_factory=dict)
     tokenizer_train: dict[str, Any] = field(default_factory=dict)
@@ -304,6 +305,7 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
         "make-shapes", "--out", str(paths.data), "--n", str(recipe.n_images), "--seed", str(recipe.seed),
         "--questions-per-image", str(recipe.questions_per_image), "--max-objects", str(recipe.max_objects),
         "--textured-fraction", _fmt(recipe.textured_fraction), "--test-fraction", _fmt(recipe.test_fraction),
+        "--object-scale", _fmt(recipe.object_scale),
         *(["--question-types", ",".join(recipe.question_types)] if recipe.question_types else []),
         extra=quiet,
     )  # fmt: skip

@@ -69,6 +69,7 @@ MAX_OBJECTS_LIMIT = 8
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 1024
 MIN_OBJECT_SIDE = 6
+MAX_OBJECT_SCALE = 2.5  # a large object is then 75% of the image side: beyond that, nothing fits beside it
 OBJECT_GAP = 2  # free pixels between any two object boxes
 COLOUR_JITTER = 12  # per-channel spread around a named colour: variety without ambiguity
 PLACEMENT_ATTEMPTS = 60
@@ -203,15 +204,18 @@ def _place(side: int, placed: Sequence[Box], image_size: int, rng: np.random.Gen
     return None
 
 
-def _side(size_name: str, image_size: int, rng: np.random.Generator) -> int:
-    return max(MIN_OBJECT_SIDE, round(SIZES[size_name] * image_size * rng.uniform(0.9, 1.1)))
+def _side(size_name: str, image_size: int, scale: float, rng: np.random.Generator) -> int:
+    return max(MIN_OBJECT_SIDE, round(SIZES[size_name] * scale * image_size * rng.uniform(0.9, 1.1)))
 
 
-def sample_objects(n_objects: int, image_size: int, rng: np.random.Generator) -> list[ShapeObject]:
+def sample_objects(
+    n_objects: int, image_size: int, rng: np.random.Generator, object_scale: float = 1.0
+) -> list[ShapeObject]:
     """`n_objects` objects with distinct (colour, shape) pairs, placed without touching.
 
     A crowded scene shrinks an object to the next smaller size rather than overlap it; in the rare case
     no size fits, the object is left out (the scene records what was drawn, not what was asked).
+    `object_scale` multiplies every size: larger objects are what a tokenizer trained for minutes sees.
     """
     pair_ids = rng.choice(len(COLOURS) * len(SHAPES), size=n_objects, replace=False)
     colour_names = list(COLOURS)
@@ -222,7 +226,7 @@ def sample_objects(n_objects: int, image_size: int, rng: np.random.Generator) ->
         shape = SHAPES[int(pair_id) % len(SHAPES)]
         first = int(rng.integers(len(size_names)))
         for size_name in reversed(size_names[: first + 1]):
-            box = _place(_side(size_name, image_size, rng), [o.box for o in objects], image_size, rng)
+            box = _place(_side(size_name, image_size, object_scale, rng), [o.box for o in objects], image_size, rng)
             if box is not None:
                 objects.append(ShapeObject(shape=shape, colour=colour, size=size_name, box=box))
                 break
@@ -412,6 +416,14 @@ def _check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_object_scale(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ShapesArgumentError("object_scale", f"must be a number in (0, {MAX_OBJECT_SCALE}], got {value!r}")
+    if not (math.isfinite(value) and 0.0 < value <= MAX_OBJECT_SCALE):
+        raise ShapesArgumentError("object_scale", f"must be in (0, {MAX_OBJECT_SCALE}], got {value}")
+    return float(value)
+
+
 def _check_question_types(value: Iterable[str] | None) -> tuple[str, ...]:
     if value is None:
         return QUESTION_TYPES
@@ -490,6 +502,7 @@ def make_shapes(
     test_fraction: float = 0.2,
     textured_fraction: float = 0.3,
     question_types: Sequence[str] | None = None,
+    object_scale: float = 1.0,
     progress: bool = True,
 ) -> ShapesSummary:
     """Generate `n` scenes and their questions into `out_dir` (layout in the module docstring / README.txt).
@@ -505,6 +518,7 @@ def make_shapes(
     test_fraction = _check_fraction("test_fraction", test_fraction)
     textured_fraction = _check_fraction("textured_fraction", textured_fraction)
     types = _check_question_types(question_types)
+    object_scale = _check_object_scale(object_scale)
     out_dir = Path(out_dir).expanduser()
 
     n_test = math.floor(n * test_fraction + 0.5)
@@ -535,7 +549,7 @@ def make_shapes(
             rng = np.random.default_rng([seed, 1, index])
             image_id = f"shapes_{index:06d}"
             split = "test" if index in test_images else "train"
-            objects = sample_objects(int(rng.integers(1, max_objects + 1)), image_size, rng)
+            objects = sample_objects(int(rng.integers(1, max_objects + 1)), image_size, rng, object_scale)
             background = TEXTURES[int(rng.integers(len(TEXTURES)))] if rng.random() < textured_fraction else "plain"
             image = render_scene(objects, background, image_size, rng)
             png = _png_bytes(image)

@@ -15,10 +15,10 @@ from scipy import ndimage
 
 from dove_vlm.cli import main
 from dove_vlm.shapes import (
-    SHORT_ANSWER_PROMPT,
     COLOUR_JITTER,
     COLOURS,
     QUESTION_TYPES,
+    SHORT_ANSWER_PROMPT,
     blind_baseline_accuracy,
     make_shapes,
     predict_blind,
@@ -256,6 +256,23 @@ def test_textured_fraction_and_question_types_are_obeyed(tmp_path):
     assert {r["question_type"] for r in records} == {"presence"}
 
 
+def test_object_scale_grows_every_object_and_keeps_them_apart(tmp_path):
+    def sides(scale: float) -> dict[str, float]:
+        scenes = _load(make_shapes(tmp_path / str(scale), n=40, seed=4, object_scale=scale, progress=False).scenes_path)
+        by_size: dict[str, list[int]] = {}
+        for scene in scenes:
+            assert scene["n_objects"] == len(scene["objects"]) >= 1
+            for obj in scene["objects"]:
+                x, y, w, h = obj["box"]
+                assert 0 < x and 0 < y and x + w < SIZE and y + h < SIZE
+                by_size.setdefault(obj["size"], []).append(w)
+        return {name: float(np.mean(values)) for name, values in by_size.items()}
+
+    normal, doubled = sides(1.0), sides(2.0)
+    for name in set(normal) & set(doubled):
+        assert doubled[name] == pytest.approx(2 * normal[name], rel=0.15)
+
+
 def test_rerun_replaces_an_earlier_output_but_not_a_foreign_directory(tmp_path):
     out = tmp_path / "data"
     make_shapes(out, n=12, seed=0, progress=False)
@@ -284,6 +301,9 @@ def test_rerun_replaces_an_earlier_output_but_not_a_foreign_directory(tmp_path):
         ({"test_fraction": float("nan")}, "test_fraction"),
         ({"n": 2.5}, "n"),
         ({"question_types": ["colour", "size"]}, "question_types"),
+        ({"object_scale": 0.0}, "object_scale"),
+        ({"object_scale": 3.0}, "object_scale"),
+        ({"object_scale": "big"}, "object_scale"),
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):

@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)",
     )
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        default=1.0,
+        help="multiplies every object size (small/medium/large: 0.15/0.22/0.30 of the side); default 1",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
 
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             textured_fraction=args.textured_fraction,
             question_types=args.question_types,
+            object_scale=args.object_scale,
             progress=not args.no_progress,
         )
     except ShapesArgumentError as err:
