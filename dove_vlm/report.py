@@ -509,8 +509,9 @@ def render_markdown(
         "## Data",
         "",
         (
-            f"`dove-vlm make-shapes`: {len(summary)} scenes of 1 to {recipe.max_objects} shapes at 64 px "
-            f"({n_train} train, {n_test} held out), {recipe.questions_per_image} questions per scene "
+            f"`dove-vlm make-shapes`: {len(summary)} scenes of 1 to {recipe.max_objects} shapes at 64 px"
+            + (f", object sizes x{recipe.object_scale:g}" if recipe.object_scale != 1.0 else "")
+            + f" ({n_train} train, {n_test} held out), {recipe.questions_per_image} questions per scene "
             f"({', '.join(recipe.question_types) if recipe.question_types else 'every type'}): "
             f"{train_questions} training and {test_questions} held-out questions."
         ),
