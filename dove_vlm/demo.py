@@ -148,6 +148,7 @@ _TOKENIZER_COMMON: dict[str, Any] = {
     "length_weight_max": 0.1,
     # Train on uniformly drawn lengths only, so every prefix learns to decode from the start.
     "uniform_length_fraction": 1.0,
+    # No clipping: with it the token path's error fell a little less in the same steps (measured).
     "max_grad_norm": 0.0,
     "num_workers": 0,
     "log_every": 10,

@@ -408,19 +408,14 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return int(value)
 
 
-def _check_fraction(name: str, value: object) -> float:
+def _check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
+    """A finite number in [low, high], or in (low, high] with `low_open`."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ShapesArgumentError(name, f"must be a number in [0, 1], got {value!r}")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ShapesArgumentError(name, f"must be in [0, 1], got {value}")
-    return float(value)
-
-
-def _check_object_scale(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ShapesArgumentError("object_scale", f"must be a number in (0, {MAX_OBJECT_SCALE}], got {value!r}")
-    if not (math.isfinite(value) and 0.0 < value <= MAX_OBJECT_SCALE):
-        raise ShapesArgumentError("object_scale", f"must be in (0, {MAX_OBJECT_SCALE}], got {value}")
+        raise ShapesArgumentError(name, f"must be a number in {interval}, got {value!r}")
+    above_low = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above_low and value <= high):
+        raise ShapesArgumentError(name, f"must be in {interval}, got {value}")
     return float(value)
 
 
@@ -515,10 +510,10 @@ def make_shapes(
     image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     max_objects = _check_int("max_objects", max_objects, 1, MAX_OBJECTS_LIMIT)
     questions_per_image = _check_int("questions_per_image", questions_per_image, 1, 20)
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    textured_fraction = _check_fraction("textured_fraction", textured_fraction)
+    test_fraction = _check_number("test_fraction", test_fraction, 0.0, 1.0)
+    textured_fraction = _check_number("textured_fraction", textured_fraction, 0.0, 1.0)
     types = _check_question_types(question_types)
-    object_scale = _check_object_scale(object_scale)
+    object_scale = _check_number("object_scale", object_scale, 0.0, MAX_OBJECT_SCALE, low_open=True)
     out_dir = Path(out_dir).expanduser()
 
     n_test = math.floor(n * test_fraction + 0.5)
