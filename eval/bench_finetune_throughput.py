@@ -8,7 +8,8 @@ randomly initialised LLM of a real model's shape (default: Qwen2.5-0.5B's config
 so every configuration sees the same number of visual tokens; random weights make the automatic length
 meaningless here. No data is read: pixels and token ids are random, the prompt a fixed length.
 
-FLOPs per step are counted once per configuration with `torch.utils.flop_counter.FlopCounterMode`;
+FLOPs per step are counted once per configuration with `torch.utils.flop_counter.FlopCounterMode` (on a
+step with eager attention, which the counter can read);
 MFU = FLOPs / step time / the accelerator's dense bf16 peak (`--peak-tflops`).
 
     python eval/bench_finetune_throughput.py --device cuda --batch-sizes 8 16 --budgets 64 256
@@ -103,9 +104,14 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    # The FLOP counter cannot read SDPA's grouped-query call; eager attention does the same arithmetic.
+    llm = model._base_llm()
+    attention = llm.config._attn_implementation
+    llm.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    llm.set_attn_implementation(attention)
     for _ in range(warmup):
         step()
     if device.type == "cuda":
