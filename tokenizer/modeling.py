@@ -251,6 +251,29 @@ class DoveTokenizer(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in training: the VQ encoder and decoder, the generator's layers and the
+        token decoder's layers are recomputed in the backward pass instead of keeping their activations.
+
+        At 256 px the VQ's full-resolution feature maps dominate a training step's memory; checkpointing
+        keeps only each block's input. Results (losses, gradients) are unchanged; a step costs about one
+        more forward pass.
+        """
+        self.vq.set_gradient_checkpointing(enabled)
+        backbone = self.generator.backbone
+        # Newer transformers call the switch `activation_checkpointing_*` and deprecate the old names.
+        if enabled:
+            kwargs = {"use_reentrant": False}
+            if hasattr(backbone, "activation_checkpointing_enable"):
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
+        self.decoder.gradient_checkpointing = enabled
+
     # ------------------------------------------------------------------ inputs
 
     def pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
