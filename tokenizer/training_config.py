@@ -59,7 +59,7 @@ class TrainConfig:
     # reconstruction
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
-    perceptual_weights: str | None = None  # VGG16 weights (path or hub id); required when perceptual_weight > 0
+    perceptual_weights: str | None = None  # VGG16: `torchvision`, a path or a hub id; needed when perceptual_weight > 0
     latent_weight: float = 0.0  # MSE of decoded latents against the VQ's own latents, over their variance
     codebook_weight: float = 1.0  # the VQ's codebook + commitment loss; used only while the VQ trains
     # > 0: the first steps train only the VQ autoencoder (pixels -> latents -> pixels), as a pretrained VQGAN
@@ -122,8 +122,8 @@ class TrainConfig:
             raise ValueError(f"train.tracker must be one of {TRACKERS}, got {self.tracker!r}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ValueError(
-                "train.perceptual_weight > 0 needs train.perceptual_weights: the path or hub id of VGG16 weights "
-                "(or set perceptual_weight: 0)"
+                "train.perceptual_weight > 0 needs train.perceptual_weights: `torchvision` (its ImageNet VGG16) or "
+                "the path or hub id of VGG16 weights (or set perceptual_weight: 0)"
             )
         if not all(isinstance(b, int) and b >= 1 for b in self.grid_budgets):
             raise ValueError(f"train.grid_budgets must be positive integers, got {self.grid_budgets!r}")

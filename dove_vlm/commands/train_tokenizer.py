@@ -57,7 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-workers", type=int, help="override train.num_workers")
     parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
     parser.add_argument("--freeze-vq", action="store_true", default=None, help="train without updating the VQ")
-    parser.add_argument("--perceptual-weights", help="VGG16 weights (path or hub id) for the LPIPS loss")
+    parser.add_argument(
+        "--perceptual-weights",
+        help="VGG16 weights for the LPIPS loss: `torchvision` (torchvision's ImageNet weights, downloaded once), "
+        "a path or a hub id",
+    )
     parser.add_argument("--vq", help="pretrained VQ (path or hub id), replacing the config's model.vq")
     parser.add_argument(
         "--generator", help="pretrained GPT-NeoX (path or hub id), replacing the config's model.generator"
