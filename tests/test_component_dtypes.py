@@ -113,3 +113,36 @@ def test_half_precision_components_train_with_finite_losses_and_fp32_weights(tmp
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     backbone = "generator.backbone.layers.0.attention.query_key_value.weight"
     assert not torch.equal(before[backbone], after[backbone])  # the pretrained backbone trained
+
+
+def _hub_cache_entry(cache: Path, repo_id: str) -> Path:
+    """An entry of the Hugging Face cache as `snapshot_download` leaves it: refs/main -> snapshots/<commit>/."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    return storage / "snapshots" / commit
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "layout"),
+    [("amused/amused-256", "vqvae"), ("mao1207/vqvae-amused", ""), ("mao1207/vqvae-amused", "vqvae")],
+)
+def test_vq_hub_ids_load_from_either_layout(tmp_path, monkeypatch, repo_id, layout):
+    """`--vq amused/amused-256` (the pipeline, VQ under vqvae/) and `--vq mao1207/vqvae-amused` (the VQ the
+    official DOVE code points to) resolve through the hub cache, offline, whether the VQ sits in vqvae/ or at the
+    top level of the repo, with the default `vq_subfolder`."""
+    from huggingface_hub import constants
+
+    vq_dir, lm_dir = save_half_components(tmp_path / "saved", torch.float16)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = _hub_cache_entry(tmp_path / "hub", repo_id)
+    target = snapshot / layout if layout else snapshot
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (vq_dir / "vqvae").rename(target)
+    model = DoveTokenizer.from_components(repo_id, lm_dir, preset="dove-tiny", **MICRO_OVERRIDES)
+    saved = VQModel.from_pretrained(snapshot / layout, torch_dtype=torch.float32)
+    torch.testing.assert_close(model.vq.model.decoder.conv_out.weight, saved.decoder.conv_out.weight)
+    with pytest.raises(FileNotFoundError, match="no config.json in vqvae/ nor at the top level"):
+        (snapshot / layout / "config.json").unlink()
+        DoveTokenizer.from_components(repo_id, lm_dir, preset="dove-tiny", **MICRO_OVERRIDES)

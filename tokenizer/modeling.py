@@ -408,8 +408,15 @@ def _plain(value: Any) -> Any:
 
 
 def _component_dir(path_or_id: str | os.PathLike, subfolder: str | None, revision: str | None, marker: str) -> Path:
-    """A component may sit at the root of a local dir or in its subfolder (hub pipelines use `vqvae/`)."""
+    """A component may sit in a subfolder of a local dir or hub repo (pipelines such as `amused/amused-256` keep
+    the VQ in `vqvae/`) or at its root (a repo holding the VQ alone, or a local copy of one)."""
     local = Path(path_or_id).expanduser()
     if local.is_dir() and (local / marker).is_file():
         return local
-    return resolve_pretrained_dir(path_or_id, revision=revision, subfolder=subfolder or "")
+    directory = resolve_pretrained_dir(path_or_id, revision=revision, subfolder=subfolder or "")
+    if subfolder and not (directory / marker).is_file():  # a hub repo without the subfolder: its root, then
+        root = resolve_pretrained_dir(path_or_id, revision=revision)
+        if not (root / marker).is_file():
+            raise FileNotFoundError(f"{path_or_id}: no {marker} in {subfolder}/ nor at the top level ({root})")
+        return root
+    return directory
