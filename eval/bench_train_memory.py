@@ -90,7 +90,8 @@ def build_trainer(preset: str, dtype: str, checkpointing: bool, workdir: Path, v
     setup = load_training_file(training_preset_path(preset), overrides=overrides)
     setup.model = ModelSpec(preset=setup.model.preset)  # the architecture, without the hub components
     out = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    return TokenizerTrainer(setup, data / "images", out, annotations=data / "train" / "annotations.json", progress=False)
+    annotations = data / "train" / "annotations.json"
+    return TokenizerTrainer(setup, data / "images", out, annotations=annotations, progress=False)
 
 
 def make_batch(trainer: Any, batch: int) -> dict[str, Any]:
