@@ -146,3 +146,49 @@ def test_vq_hub_ids_load_from_either_layout(tmp_path, monkeypatch, repo_id, layo
     with pytest.raises(FileNotFoundError, match="no config.json in vqvae/ nor at the top level"):
         (snapshot / layout / "config.json").unlink()
         DoveTokenizer.from_components(repo_id, lm_dir, preset="dove-tiny", **MICRO_OVERRIDES)
+
+
+@pytest.mark.slow
+def test_full_preset_trains_one_step_from_fp16_components_in_bf16_with_checkpointing(tmp_path):
+    """The first real run in small: dove-pythia70m-amused256 at 256 px from components saved in fp16 as the hub
+    stores them, its own training file, bf16 autocast, gradient checkpointing, LPIPS (random VGG16 weights: the
+    real network's path), the discriminator on; one optimiser step of the training loop, batch 1."""
+    from safetensors.torch import save_file
+    from test_losses import random_vgg16_features
+
+    from dove_vlm.commands.train_tokenizer import training_preset_path
+    from dove_vlm.shapes import make_shapes
+    from tokenizer.data import collate_examples
+    from tokenizer.presets import preset_config
+    from tokenizer.training_config import ModelSpec, load_training_file
+
+    preset = "dove-pythia70m-amused256"
+    torch.manual_seed(0)
+    config = preset_config(preset)
+    VQModel(**config.vq).to(torch.float16).save_pretrained(tmp_path / "vq" / "vqvae")
+    GPTNeoXForCausalLM(GPTNeoXConfig(**config.generator)).to(torch.float16).save_pretrained(tmp_path / "lm")
+    byte_level_text_tokenizer().save_pretrained(tmp_path / "lm")
+    save_file(random_vgg16_features(), str(tmp_path / "vgg16.safetensors"))
+    make_shapes(tmp_path / "shapes", 2, 0, image_size=256, progress=False)
+
+    overrides = {
+        "mixed_precision": "bf16", "gradient_checkpointing": True, "adversarial_start_step": 0,
+        "perceptual_weights": str(tmp_path / "vgg16.safetensors"),
+        "batch_size": 1, "num_workers": 0, "tracker": "none",
+    }  # fmt: skip
+    setup = load_training_file(training_preset_path(preset), overrides=overrides)
+    setup.model = ModelSpec(preset=preset, vq=str(tmp_path / "vq"), generator=str(tmp_path / "lm"))
+    shapes = tmp_path / "shapes"
+    trainer = TokenizerTrainer(
+        setup, shapes / "images", tmp_path / "run", annotations=shapes / "train" / "annotations.json", progress=False
+    )
+    tokenizer = trainer.tokenizer
+    assert tokenizer.config.token_dim == 512 and tokenizer.generator.backbone.layers[0].gradient_checkpointing
+    before = tokenizer.generator.backbone.layers[0].attention.query_key_value.weight.detach().clone()
+    logs = trainer._micro_step(collate_examples([trainer.dataset[0]]))  # one optimiser step, as the loop runs it
+    assert {"loss/total", "loss/discriminator"} <= logs.keys()
+    assert all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss/")), logs
+    params = list(tokenizer.parameters())
+    assert {p.dtype for p in params} == {torch.float32}
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(before, tokenizer.generator.backbone.layers[0].attention.query_key_value.weight)
