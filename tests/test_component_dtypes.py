@@ -90,7 +90,6 @@ def test_dtype_refuses_to_name_one_dtype_for_mixed_parts(tiny_tokenizer):
         tiny_tokenizer.dtype
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("dtype", "mixed_precision"), [(torch.float16, "no"), (torch.bfloat16, "bf16")], ids=["fp16-fp32", "bf16-autocast"]
 )
