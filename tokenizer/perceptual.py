@@ -125,7 +125,7 @@ def _torchvision_vgg16() -> tuple[Path, Mapping[str, torch.Tensor]]:
         raise FileNotFoundError(
             f"--perceptual-weights {TORCHVISION_WEIGHTS}: torchvision could not load its ImageNet VGG16 weights "
             f"({type(err).__name__}: {err}); it downloads them once from {weights.url} into {cached.parent}. "
-            f"Offline, copy that file (or any VGG16 state dict) here and pass its path instead: "
+            f"Offline, copy that file (or any VGG16 state dict) onto this machine and pass its path instead: "
             f"--perceptual-weights /path/to/{cached.name} (or a directory or hub id holding it)"
         ) from err
     return cached, state
