@@ -67,3 +67,9 @@ def test_full_size_presets_run_one_forward_at_256px(preset):
     images = model.decode(enc.tokens[:, :16], [16])
     assert images.shape == (1, 3, 256, 256)
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("preset", ["dove-pythia14m-amused256", "dove-pythia70m-amused256"])
+def test_full_presets_emit_tokens_of_the_generator_width(preset):
+    config = preset_config(preset)
+    assert config.token_dim == config.generator["hidden_size"]  # 512 for Pythia-70M, as the official probe reads

@@ -7,6 +7,7 @@ equals decoding each image alone.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import DoveConfig
@@ -35,6 +36,7 @@ class TokenDecoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, config.decoder_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.latent_out = nn.Linear(width, config.latent_channels)
+        self.gradient_checkpointing = False  # set through DoveTokenizer.set_gradient_checkpointing
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Tokens [B,L,D] with mask [B,L] (1 = kept) -> latent grid [B,C,g,g]."""
@@ -47,6 +49,14 @@ class TokenDecoder(nn.Module):
         padding = torch.cat(
             [attention_mask == 0, torch.zeros(batch, grid_cells, dtype=torch.bool, device=tokens.device)], dim=1
         )
-        out = self.transformer(states, src_key_padding_mask=padding)[:, length:]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Layer by layer, as nn.TransformerEncoder runs them, each recomputed in the backward pass.
+            for layer in self.transformer.layers:
+                states = torch.utils.checkpoint.checkpoint(
+                    layer, states, src_key_padding_mask=padding, use_reentrant=False
+                )
+            out = states[:, length:]
+        else:
+            out = self.transformer(states, src_key_padding_mask=padding)[:, length:]
         latents = self.latent_out(self.norm(out))
         return latents.transpose(1, 2).reshape(batch, self.latent_channels, self.grid_size, self.grid_size)

@@ -113,6 +113,7 @@ class DoveTokenizer(nn.Module):
         preset: str = "dove-pythia70m-amused256",
         vq_subfolder: str | None = "vqvae",
         revision: str | None = None,
+        dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> "DoveTokenizer":
         """Initialise as the paper does: a pretrained VQGAN and a pretrained Pythia, new heads and decoder.
@@ -120,6 +121,12 @@ class DoveTokenizer(nn.Module):
         `vq` is a `VQModel`, a local dir or a hub id (`amused/amused-256`, read from `vq_subfolder`);
         `generator` a GPT-NeoX model, dir or hub id (`EleutherAI/pythia-70m`). The text tokenizer defaults
         to the generator's own. `preset` supplies the remaining fields; `overrides` replace any of them.
+
+        Hub checkpoints are often stored in fp16 or bf16 and the libraries would load them as stored: an
+        fp16 backbone under fp32 heads fails ("mixed dtype") and AdamW on half-precision weights turns them
+        to inf/NaN. So every component is loaded (or, when passed as a module, cast in place) to fp32
+        master weights, which training needs whatever `mixed_precision` autocasts to. `dtype` (e.g.
+        `torch.bfloat16`, for inference) then casts the generator and decoder; the VQ stays fp32 (see `vq`).
         """
         from diffusers import VQModel
 
@@ -127,13 +134,13 @@ class DoveTokenizer(nn.Module):
             vq_model = vq
         else:
             vq_dir = _component_dir(vq, vq_subfolder, revision, marker=CONFIG_NAME)
-            vq_model = VQModel.from_pretrained(vq_dir)
+            vq_model = VQModel.from_pretrained(vq_dir, torch_dtype=torch.float32)
         if isinstance(generator, nn.Module):
-            backbone = generator
+            backbone = generator.float()
             generator_dir = None
         else:
             generator_dir = resolve_pretrained_dir(generator, revision=revision)
-            backbone = GPTNeoXModel.from_pretrained(generator_dir)
+            backbone = GPTNeoXModel.from_pretrained(generator_dir, dtype=torch.float32)
         if text_tokenizer is None and generator_dir is not None:
             text_tokenizer = AutoTokenizer.from_pretrained(generator_dir)
         elif isinstance(text_tokenizer, (str, os.PathLike)):
@@ -145,16 +152,23 @@ class DoveTokenizer(nn.Module):
         data["generator"] = {k: v for k, v in generator_config.items() if k in _GENERATOR_FIELDS}
         data["preset"] = None
         config = DoveConfig.from_dict(data)
-        return cls(config, text_tokenizer=text_tokenizer, vq_model=vq_model, generator_backbone=backbone)
+        model = cls(config, text_tokenizer=text_tokenizer, vq_model=vq_model, generator_backbone=backbone)
+        return model if dtype is None else model.to(dtype)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, revision: str | None = None, preset: str | None = None
+        cls,
+        path_or_id: str | os.PathLike,
+        revision: str | None = None,
+        preset: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "DoveTokenizer":
         """Load a checkpoint written by `save_pretrained` (a local dir or a hub id).
 
         With `preset`, the architecture comes from that preset and the checkpoint must match it; a
-        mismatch names the offending keys.
+        mismatch names the offending keys. Weights load into fp32 parameters whatever dtype they were
+        saved in (training needs fp32 master weights); `dtype` casts the generator and decoder afterwards,
+        e.g. `torch.bfloat16` for inference (the VQ stays fp32).
         """
         directory = resolve_pretrained_dir(path_or_id, revision=revision)
         config = preset_config(preset) if preset else DoveConfig.load(directory)
@@ -162,7 +176,7 @@ class DoveTokenizer(nn.Module):
         text_tokenizer = AutoTokenizer.from_pretrained(text_dir) if text_dir.is_dir() else None
         model = cls(config, text_tokenizer=text_tokenizer)
         model.load_weights(directory / WEIGHTS_NAME)
-        return model
+        return model if dtype is None else model.to(dtype)
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a safetensors state dict, refusing (with the key names) any missing, extra or misshapen tensor."""
@@ -209,7 +223,19 @@ class DoveTokenizer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.generator.token_head.weight.dtype
+        """The dtype the generator and decoder hold their weights in (the VQ is always fp32, see `vq`).
+
+        A model whose parts disagree has no one dtype and would fail in its forward ("mixed dtype"), so
+        that is an error naming the parts rather than the dtype of whichever layer happens to be asked.
+        """
+        found: dict[torch.dtype, str] = {}
+        for name, param in self.named_parameters():
+            if not name.startswith("vq.") and param.is_floating_point():
+                found.setdefault(param.dtype, name)
+        if len(found) != 1:
+            shown = ", ".join(f"{name}: {dtype}" for dtype, name in found.items())
+            raise RuntimeError(f"the tokenizer's generator and decoder hold parameters of several dtypes ({shown})")
+        return next(iter(found))
 
     @property
     def max_tokens(self) -> int:
@@ -224,6 +250,29 @@ class DoveTokenizer(nn.Module):
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(counts.values())
         return counts
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in training: the VQ encoder and decoder, the generator's layers and the
+        token decoder's layers are recomputed in the backward pass instead of keeping their activations.
+
+        At 256 px the VQ's full-resolution feature maps dominate a training step's memory; checkpointing
+        keeps only each block's input. Results (losses, gradients) are unchanged; a step costs about one
+        more forward pass.
+        """
+        self.vq.set_gradient_checkpointing(enabled)
+        backbone = self.generator.backbone
+        # Newer transformers call the switch `activation_checkpointing_*` and deprecate the old names.
+        if enabled:
+            kwargs = {"use_reentrant": False}
+            if hasattr(backbone, "activation_checkpointing_enable"):
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
+        self.decoder.gradient_checkpointing = enabled
 
     # ------------------------------------------------------------------ inputs
 
@@ -359,8 +408,15 @@ def _plain(value: Any) -> Any:
 
 
 def _component_dir(path_or_id: str | os.PathLike, subfolder: str | None, revision: str | None, marker: str) -> Path:
-    """A component may sit at the root of a local dir or in its subfolder (hub pipelines use `vqvae/`)."""
+    """A component may sit in a subfolder of a local dir or hub repo (pipelines such as `amused/amused-256` keep
+    the VQ in `vqvae/`) or at its root (a repo holding the VQ alone, or a local copy of one)."""
     local = Path(path_or_id).expanduser()
     if local.is_dir() and (local / marker).is_file():
         return local
-    return resolve_pretrained_dir(path_or_id, revision=revision, subfolder=subfolder or "")
+    directory = resolve_pretrained_dir(path_or_id, revision=revision, subfolder=subfolder or "")
+    if subfolder and not (directory / marker).is_file():  # a hub repo without the subfolder: its root, then
+        root = resolve_pretrained_dir(path_or_id, revision=revision)
+        if not (root / marker).is_file():
+            raise FileNotFoundError(f"{path_or_id}: no {marker} in {subfolder}/ nor at the top level ({root})")
+        return root
+    return directory

@@ -2,8 +2,8 @@
 
 The `lpips` package ships the calibrated linear heads but fetches the VGG16 trunk from torchvision's
 download servers. Training machines are often offline, and a randomly initialised trunk would give a
-meaningless loss without any error, so the trunk here comes from an explicit file or hub id, or the
-loss refuses to exist.
+meaningless loss without any error, so the trunk here comes from an explicit file or hub id, or from
+torchvision's own ImageNet weights when asked for by name (`torchvision`), or the loss refuses to exist.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from torch import nn
 from .hub import resolve_pretrained_dir
 
 PERCEPTUAL_WEIGHTS_HINT = (
-    "the perceptual (LPIPS) loss needs pretrained VGG16 weights: pass a torchvision-format VGG16 state dict "
+    "the perceptual (LPIPS) loss needs pretrained VGG16 weights: pass `torchvision` (torchvision's ImageNet "
+    "VGG16, downloaded once into its cache), or a torchvision-format VGG16 state dict "
     "(.safetensors, .pth or .pt; the full model's or just its `features`, e.g. torchvision's vgg16-397923af.pth) "
     "as a file path, a directory holding one such file, or a Hugging Face hub id; "
     "or set the perceptual loss weight to 0 to train without it"
 )
+# `--perceptual-weights torchvision` / `train.perceptual_weights: torchvision`: torchvision's own weights.
+TORCHVISION_WEIGHTS = "torchvision"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _FEATURES_KEY = re.compile(r"(?:^|\.)features\.(\d+)\.(weight|bias)$")
@@ -87,8 +90,11 @@ def load_vgg16_features(source: str | os.PathLike | None) -> dict[str, torch.Ten
     """
     if source is None or str(source).strip() == "":
         raise ValueError(f"no VGG16 weights given: {PERCEPTUAL_WEIGHTS_HINT}")
-    path = _resolve_weights_file(source)
-    state = _read_state_dict(path)
+    if str(source) == TORCHVISION_WEIGHTS:
+        path, state = _torchvision_vgg16()
+    else:
+        path = _resolve_weights_file(source)
+        state = _read_state_dict(path)
     features: dict[str, torch.Tensor] = {}
     matched = {name: _FEATURES_KEY.search(name) for name in state}
     if not any(matched.values()):
@@ -103,6 +109,26 @@ def load_vgg16_features(source: str | os.PathLike | None) -> dict[str, torch.Ten
             f"found keys such as {sample}. {PERCEPTUAL_WEIGHTS_HINT}"
         )
     return features
+
+
+def _torchvision_vgg16() -> tuple[Path, Mapping[str, torch.Tensor]]:
+    """torchvision's ImageNet VGG16 (IMAGENET1K_V1, the trunk LPIPS was calibrated on) through torchvision's
+    own loader: read from its cache (`$TORCH_HOME/hub/checkpoints`), downloaded there first if absent."""
+    import torch.hub
+    from torchvision.models import VGG16_Weights
+
+    weights = VGG16_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        state = weights.get_state_dict(progress=False, weights_only=True)
+    except Exception as err:  # urllib, OSError, a truncated file...: the user needs the cause and what to do
+        raise FileNotFoundError(
+            f"--perceptual-weights {TORCHVISION_WEIGHTS}: torchvision could not load its ImageNet VGG16 weights "
+            f"({type(err).__name__}: {err}); it downloads them once from {weights.url} into {cached.parent}. "
+            f"Offline, copy that file (or any VGG16 state dict) onto this machine and pass its path instead: "
+            f"--perceptual-weights /path/to/{cached.name} (or a directory or hub id holding it)"
+        ) from err
+    return cached, state
 
 
 def _resolve_weights_file(source: str | os.PathLike) -> Path:

@@ -247,6 +247,7 @@ class TokenizerTrainer:
         set_seed(config.seed)  # the same initial weights on every process
 
         tokenizer = build_tokenizer(setup.model)
+        tokenizer.set_gradient_checkpointing(config.gradient_checkpointing)
         self.tokenizer = tokenizer
         if config.vq_warmup_steps == 0:
             self._freeze_vq_parts()

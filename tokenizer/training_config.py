@@ -41,6 +41,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of each group's learning rate
     seed: int = 0
     mixed_precision: str = "no"
+    # Recompute activations in the backward pass (VQ encoder/decoder, generator, token decoder): same
+    # results, less memory, about one more forward per step. What lets a 256 px batch fit a GPU.
+    gradient_checkpointing: bool = False
     num_workers: int = 2
     # optimiser: one AdamW, one parameter group per part, each with its own learning rate
     lr_vq: float = 1e-5
@@ -56,7 +59,7 @@ class TrainConfig:
     # reconstruction
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
-    perceptual_weights: str | None = None  # VGG16 weights (path or hub id); required when perceptual_weight > 0
+    perceptual_weights: str | None = None  # VGG16: `torchvision`, a path or a hub id; needed when perceptual_weight > 0
     latent_weight: float = 0.0  # MSE of decoded latents against the VQ's own latents, over their variance
     codebook_weight: float = 1.0  # the VQ's codebook + commitment loss; used only while the VQ trains
     # > 0: the first steps train only the VQ autoencoder (pixels -> latents -> pixels), as a pretrained VQGAN
@@ -119,8 +122,8 @@ class TrainConfig:
             raise ValueError(f"train.tracker must be one of {TRACKERS}, got {self.tracker!r}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ValueError(
-                "train.perceptual_weight > 0 needs train.perceptual_weights: the path or hub id of VGG16 weights "
-                "(or set perceptual_weight: 0)"
+                "train.perceptual_weight > 0 needs train.perceptual_weights: `torchvision` (its ImageNet VGG16) or "
+                "the path or hub id of VGG16 weights (or set perceptual_weight: 0)"
             )
         if not all(isinstance(b, int) and b >= 1 for b in self.grid_budgets):
             raise ValueError(f"train.grid_budgets must be positive integers, got {self.grid_budgets!r}")

@@ -6,9 +6,11 @@ and its forward runs with autocast off. Callers get latents in fp32 and cast the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint
 from diffusers import VQModel
 from torch import nn
 
@@ -38,6 +40,18 @@ class VQBackbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the encoder's and decoder's blocks in the backward pass instead of keeping their activations.
+
+        diffusers' `Encoder` / `Decoder` checkpoint their blocks when these two attributes are set, but
+        `VQModel` does not declare `_supports_gradient_checkpointing`, so its `enable_gradient_checkpointing`
+        refuses; the attributes are set here as diffusers' own `_set_gradient_checkpointing` would.
+        """
+        function = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for part in (self.model.encoder, self.model.decoder):
+            part.gradient_checkpointing = enabled
+            part._gradient_checkpointing_func = function
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B,3,H,W] in [0,1] -> latent grid [B,C,g,g]: quantized (straight-through gradients), or the

@@ -48,12 +48,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--batch-size", type=int, help="override train.batch_size (per process)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="override train.mixed_precision")
+    parser.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="override train.gradient_checkpointing: recompute activations in the backward pass (less memory)",
+    )  # fmt: skip
     parser.add_argument("--tracker", choices=["tensorboard", "wandb", "none"], help="override train.tracker")
     parser.add_argument("--seed", type=int, help="override train.seed")
     parser.add_argument("--num-workers", type=int, help="override train.num_workers")
     parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
     parser.add_argument("--freeze-vq", action="store_true", default=None, help="train without updating the VQ")
-    parser.add_argument("--perceptual-weights", help="VGG16 weights (path or hub id) for the LPIPS loss")
+    parser.add_argument(
+        "--perceptual-weights",
+        help="VGG16 weights for the LPIPS loss: `torchvision` (torchvision's ImageNet weights, downloaded once), "
+        "a path or a hub id",
+    )
     parser.add_argument("--vq", help="pretrained VQ (path or hub id), replacing the config's model.vq")
     parser.add_argument(
         "--generator", help="pretrained GPT-NeoX (path or hub id), replacing the config's model.generator"
@@ -76,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "tracker": args.tracker,
         "seed": args.seed,
         "num_workers": args.num_workers,
