@@ -43,6 +43,8 @@ FULL_PRESETS = ("dove-pythia14m-amused256", "dove-pythia70m-amused256")
 GIB = 2**30
 
 
+# The /proc readers of bench_vlm_training / bench_train_tokenizer, repeated: importing those modules pulls in
+# llava_adapter, which a GPU machine carrying only the tokenizer's dependencies does not have.
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
