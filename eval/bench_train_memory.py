@@ -17,7 +17,8 @@ GPU: one process per preset; `torch.cuda.max_memory_allocated` over the timed st
 the mean synchronised step time, images/s, and MFU: the model FLOPs of a step counted with
 `torch.utils.flop_counter.FlopCounterMode` (at batch 1 without checkpointing, times the batch: the
 recompute is not useful work) over the dense bf16 peak (989 TFLOP/s, H100/H200 SXM; `--peak-tflops`).
-A batch that runs out of memory is recorded as such and larger ones are skipped.
+A batch that runs out of memory is recorded as such and larger ones are skipped. `--device cpu --in-process`
+runs that same sweep on the CPU, as a quick check of the code path.
 
     python eval/bench_train_memory.py --device cpu --batch-sizes 1 2 --json cpu.json
     python eval/bench_train_memory.py --device cuda --dtype bf16 --batch-sizes 8 16 32 64 128 --json gpu.json
@@ -42,6 +43,8 @@ FULL_PRESETS = ("dove-pythia14m-amused256", "dove-pythia70m-amused256")
 GIB = 2**30
 
 
+# The /proc readers of bench_vlm_training / bench_train_tokenizer, repeated: importing those modules pulls in
+# llava_adapter, which a GPU machine carrying only the tokenizer's dependencies does not have.
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -158,8 +161,27 @@ def count_step_flops(trainer: Any, batch: dict[str, Any]) -> int:
     return counter.get_total_flops()
 
 
-def cuda_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_rss_peak()
+
+
+def _peak_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024
+
+
+def in_process_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every setting of a preset in one process: the GPU sweep (on the CPU only with --in-process, as a quick
+    check of the same code; its resident-set peaks carry the earlier settings' allocator cache)."""
     rows = []
+    device = args.device
     data, vgg = prepare_data(args.workdir), random_vgg16(args.workdir)
     for preset in args.presets:
         trainer = build_trainer(preset, args.dtype, False, args.workdir, vgg, data)
@@ -169,20 +191,24 @@ def cuda_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         for checkpointing in args.checkpointing:
             tokenizer.set_gradient_checkpointing(checkpointing)
             for batch in args.batch_sizes:
+                name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
                 row = {"preset": preset, "batch": batch, "checkpointing": checkpointing, "dtype": args.dtype,
-                       "device": torch.cuda.get_device_name()}  # fmt: skip
+                       "device": name}  # fmt: skip
                 inputs = make_batch(trainer, batch)
+                out_of_memory = False
                 try:
                     for _ in range(args.warmup_steps):
                         training_step(trainer, inputs)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
+                    _sync(device)
+                    _reset_peak(device)
                     started = time.perf_counter()
                     for _ in range(args.steps):
                         training_step(trainer, inputs)
-                    torch.cuda.synchronize()
+                    _sync(device)
                     seconds = (time.perf_counter() - started) / args.steps
                 except torch.OutOfMemoryError:
+                    out_of_memory = True
+                if out_of_memory:  # outside the handler, so the failed step's tensors are already released
                     trainer.gen_optimizer.zero_grad(set_to_none=True)
                     trainer.disc_optimizer.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
@@ -191,14 +217,15 @@ def cuda_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                     break  # a larger batch runs out too
                 model_flops = flops_per_image * batch
                 row.update({
-                    "oom": False, "peak_gib": torch.cuda.max_memory_allocated() / GIB, "step_s": seconds,
+                    "oom": False, "peak_gib": _peak_bytes(device) / GIB, "step_s": seconds,
                     "images_per_s": batch / seconds, "model_tflop_per_step": model_flops / 1e12,
                     "mfu": model_flops / seconds / (args.peak_tflops * 1e12),
                 })  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del trainer, tokenizer
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -236,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-gib", type=float, default=80.0, help="memory the largest batch must fit in")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench_train_memory")
     parser.add_argument("--json", type=Path, help="write the rows and the derived figures here")
+    parser.add_argument(
+        "--in-process", action="store_true", help="CPU: every setting in this process, timed as on a GPU (a check)"
+    )
     parser.add_argument("--one", nargs=3, metavar=("PRESET", "BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     started = time.perf_counter()
-    rows = cpu_sweep(args) if args.device == "cpu" else cuda_sweep(args)
+    rows = cpu_sweep(args) if args.device == "cpu" and not args.in_process else in_process_sweep(args)
     derived = fits(rows, args.budget_gib)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"\n{'preset':<26} {'ckpt':>4} {'batch':>5} {'peak GiB':>9} {'step s':>7} {'img/s':>7} {'MFU':>6}")
