@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each task (for quick checks)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
     parser.add_argument(
         "--include-path",
