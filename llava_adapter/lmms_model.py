@@ -17,7 +17,7 @@ Model args (lmms-eval passes them as strings; `true`/`false` and numbers are con
 How the counts travel: each answer is returned as an lmms-eval `GenerationResult` whose `TokenCounts`
 (`VisualTokenCounts` here) adds `visual_tokens` and, for a sample that could not be answered, `error`.
 lmms-eval writes them into each sample's `token_counts` in the samples log; task code can read them from
-its request instances (see eval/tasks/dove_shapes_vqa). Answer throughput goes to lmms-eval's throughput
+its request instances (see dove_vlm/lmms_tasks/dove_shapes_vqa). Answer throughput goes to lmms-eval's throughput
 log, so a results JSON carries `throughput.avg_latency` (seconds per answer).
 
 Bad samples never end a run: an image that is missing or unreadable, an empty question, or a prompt that

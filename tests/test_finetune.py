@@ -363,7 +363,7 @@ def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(work
     env = {
         "LAUNCHER": "deepspeed",
         "NPROC": "1",
-        "DS_CONFIG": "scripts/zero2.json",
+        "DS_CONFIG": "zero2",
         "DATA": str(workspace.subset),
         "IMAGES": str(workspace.images),
     }
@@ -420,7 +420,7 @@ with open(config["resumed_losses"], "w") as handle:
 @pytest.mark.slow
 def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(workspace, tokenizer, tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    zero3 = str(REPO / "scripts" / "zero3.json")
+    zero3 = "zero3"  # the packaged config, by name
     config = {
         "stage1": stage_args(
             workspace, tmp_path, 1, stage1, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir), deepspeed=zero3
