@@ -36,7 +36,7 @@ def workspace(tmp_path_factory):
 
 def saved_dtypes(path) -> set[torch.dtype]:
     with safe_open(str(path), framework="pt") as handle:
-        return {handle.get_tensor(key).dtype for key in handle.keys()}
+        return {handle.get_tensor(key).dtype for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
 
 
 def finetune_cli(workspace, tmp_path, output, *start: str) -> list[float]:
@@ -112,7 +112,7 @@ def test_inference_loads_the_dtype_asked_for_and_dtype_reports_the_llms(workspac
     assert lmms_model.model.dtype == torch.bfloat16
     assert DoveLlava(pretrained=str(saved), device="cpu").model.dtype == torch.float32
 
-    image = sorted(workspace.images.iterdir())[0]
+    image = min(workspace.images.iterdir())
     question = ["--image", str(image), "--question", "What colour is the circle?", "--max-new-tokens", "2"]
     assert cli_main(["chat", "--model", str(saved), "--dtype", "bfloat16", *question]) == 0
     assert "visual tokens:" in capsys.readouterr().out
