@@ -357,8 +357,8 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
     deepspeed_config()  # fail before any step runs if the install lacks it
     common = [
         "--data", str(paths.split_file("train", "llava.json")), "--image-folder", str(paths.images),
-        "--deepspeed", DEEPSPEED_CONFIG, "--no-bf16", "--visual-length-cache", str(paths.cache), "--seed", str(recipe.seed),
-        "--logging-steps", "10",
+        "--deepspeed", DEEPSPEED_CONFIG, "--no-bf16", "--visual-length-cache", str(paths.cache),
+        "--seed", str(recipe.seed), "--logging-steps", "10",
     ]  # fmt: skip
     stage1 = [
         "finetune", "--stage", "1", "--llm", str(paths.llm), "--tower", str(paths.tokenizer),

@@ -6,10 +6,11 @@ plus the projector at its own learning rate; the LLM's chat template (or `vicuna
 trainable part (`tower_trainable`) joins stage 2.
 
 DeepSpeed: pass a ZeRO config by name (`zero2`, `zero3`, `zero3_offload`: shipped in
-`llava_adapter/deepspeed_configs`) or as a path to a JSON file; the Trainer fills its "auto" fields. Launch with `deepspeed` or `torchrun` (see `scripts/finetune_*.sh`), or as a
-plain process for a single device. `bf16` under DeepSpeed runs as DeepSpeed's torch autocast rather
-than its bf16 mode: the bf16 mode casts every parameter directly, bypassing the guard that keeps the
-VQ encoder in fp32, whereas autocast leaves parameters in fp32 and the VQ switches autocast off.
+`llava_adapter/deepspeed_configs`) or as a path to a JSON file; the Trainer fills its "auto" fields.
+Launch with `deepspeed` or `torchrun` (see `scripts/finetune_*.sh`), or as a plain process for a single
+device. `bf16` under DeepSpeed runs as DeepSpeed's torch autocast rather than its bf16 mode: the bf16
+mode casts every parameter directly, bypassing the guard that keeps the VQ encoder in fp32, whereas
+autocast leaves parameters in fp32 and the VQ switches autocast off.
 
 The model is built before the DeepSpeed config is handed to `transformers`, so ZeRO-3 partitions it when
 the engine starts rather than while the LLM loads (`zero.Init`); each process holds the full model once
