@@ -81,9 +81,7 @@ def tiny_vlm_and_shapes(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_an_installed_wheel_runs_eval_vqa_and_finds_the_demo_deepspeed_config(
-    installed, tiny_vlm_and_shapes, tmp_path
-):
+def test_an_installed_wheel_runs_eval_vqa_and_finds_the_demo_deepspeed_config(installed, tiny_vlm_and_shapes, tmp_path):
     vlm, shapes = tiny_vlm_and_shapes
     outside = tmp_path / "elsewhere"  # not the repository, not a parent of it
     outside.mkdir()
@@ -100,10 +98,9 @@ def test_an_installed_wheel_runs_eval_vqa_and_finds_the_demo_deepspeed_config(
     # The demo builds every step's command (the DeepSpeed config included) before running the first.
     run([str(installed / "dove-vlm"), "demo", "--fast", "--steps", "data", "--no-progress", "--out", "demo"], outside)
     assert (outside / "demo" / "data" / "test" / "vqa.parquet").is_file()
-    read = run(
-        [str(installed / "python"), "-c",
-         "from dove_vlm.demo import DEEPSPEED_CONFIG; from llava_adapter.train import deepspeed_config; "
-         "print(deepspeed_config(DEEPSPEED_CONFIG, bf16=False)['zero_optimization']['stage'])"],
-        cwd=outside,
-    )  # fmt: skip
+    script = (
+        "from dove_vlm.demo import DEEPSPEED_CONFIG; from llava_adapter.train import deepspeed_config; "
+        "print(deepspeed_config(DEEPSPEED_CONFIG, bf16=False)['zero_optimization']['stage'])"
+    )
+    read = run([str(installed / "python"), "-c", script], cwd=outside)
     assert read.stdout.strip().splitlines()[-1] == "2"
