@@ -290,12 +290,14 @@ class DemoStep:
 STEP_NAMES = ("data", "tokenizer", "llm", "stage1", "stage2", "eval", "report")
 
 
+DEEPSPEED_CONFIG = "zero2"  # a config shipped with the package, named as `finetune --deepspeed` accepts it
+
+
 def deepspeed_config() -> Path:
-    """scripts/zero2.json of this checkout (launcher configs ship with the source, not inside the package)."""
-    path = REPO_ROOT / "scripts" / "zero2.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no DeepSpeed config at {path}; the demo runs from a dove-vlm checkout")
-    return path
+    """The file behind `DEEPSPEED_CONFIG`, wherever dove-vlm is installed."""
+    from llava_adapter.deepspeed_configs import resolve_deepspeed_config
+
+    return resolve_deepspeed_config(DEEPSPEED_CONFIG)
 
 
 def _free_port() -> int:
@@ -352,11 +354,11 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
 
     launcher = ["deepspeed", "--num_gpus", "1", "--master_port", "29500", "--no_local_rank", "--module",
                 "dove_vlm.cli"]  # fmt: skip
-    zero2 = str(deepspeed_config())
+    deepspeed_config()  # fail before any step runs if the install lacks it
     common = [
         "--data", str(paths.split_file("train", "llava.json")), "--image-folder", str(paths.images),
-        "--deepspeed", zero2, "--no-bf16", "--visual-length-cache", str(paths.cache), "--seed", str(recipe.seed),
-        "--logging-steps", "10",
+        "--deepspeed", DEEPSPEED_CONFIG, "--no-bf16", "--visual-length-cache", str(paths.cache),
+        "--seed", str(recipe.seed), "--logging-steps", "10",
     ]  # fmt: skip
     stage1 = [
         "finetune", "--stage", "1", "--llm", str(paths.llm), "--tower", str(paths.tokenizer),

@@ -184,7 +184,7 @@ def bench_memory(paths: dict[str, Path], workdir: Path, steps: int, batch: int) 
         "visual_length_cache": str(workdir / "cache"),
         "logging_steps": 1,
     }
-    zero2 = str(REPO / "scripts" / "zero2.json")
+    zero2 = "zero2"  # the packaged config
     configs = {
         "full": dict(common),
         "full + ZeRO-2": dict(common, deepspeed=zero2),

@@ -34,12 +34,46 @@ class Answer:
     generated_tokens: int = 0
 
 
+INFERENCE_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", *INFERENCE_DTYPES)
+
+
+def inference_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The LLM's dtype for answering questions: a name from `DTYPE_CHOICES` or a torch dtype.
+
+    "auto" is bfloat16 on a GPU that computes in it (half the memory, the precision LLaVA-style models are
+    evaluated in) and float32 elsewhere (a CPU runs bf16 matmuls slowly). Training never comes here: it
+    loads float32 master weights.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype)
+    if name == "auto":
+        on_gpu = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    return INFERENCE_DTYPES[name]
+
+
 def load_pretrained_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"
 ) -> tuple[PreTrainedTokenizerBase, DoveLlavaForCausalLM, Any, int]:
-    """(LLM tokenizer, model in eval mode, the tower's image processor, max tokens the LLM may see)."""
+    """(LLM tokenizer, model in eval mode, the tower's image processor, max tokens the LLM may see).
+
+    `dtype` is the LLM's (see `inference_dtype`; "auto": bfloat16 on a GPU, float32 on the CPU); the
+    tower keeps float32.
+    """
     directory = resolve_pretrained_dir(path)
-    model = DoveLlavaForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    model = DoveLlavaForCausalLM.from_pretrained(directory, dtype=inference_dtype(dtype, device))
+    model = model.to(device).eval()
     tokenizer = load_llm_tokenizer(directory, model)
     return tokenizer, model, model.vision_tower.image_processor, model.max_length
 

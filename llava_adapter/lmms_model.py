@@ -10,13 +10,14 @@ Model args (lmms-eval passes them as strings; `true`/`false` and numbers are con
     threshold       EOS probability that ends an image (default: the checkpoint's)
     batch_size      requests per forward (default 1)
     device          cuda, cuda:1, cpu ... (default: cuda when available)
-    dtype           float32, bfloat16 or float16 (the DOVE tower's VQ stays float32 regardless)
+    dtype           the LLM's: auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or
+                    float16 (the DOVE tower stays float32 regardless)
     max_new_tokens  when given, replaces every task's own limit on answer length
 
 How the counts travel: each answer is returned as an lmms-eval `GenerationResult` whose `TokenCounts`
 (`VisualTokenCounts` here) adds `visual_tokens` and, for a sample that could not be answered, `error`.
 lmms-eval writes them into each sample's `token_counts` in the samples log; task code can read them from
-its request instances (see eval/tasks/dove_shapes_vqa). Answer throughput goes to lmms-eval's throughput
+its request instances (see dove_vlm/lmms_tasks/dove_shapes_vqa). Answer throughput goes to lmms-eval's throughput
 log, so a results JSON carries `throughput.avg_latency` (seconds per answer).
 
 Bad samples never end a run: an image that is missing or unreadable, an empty question, or a prompt that
@@ -45,7 +46,7 @@ from PIL import Image
 from tokenizer.image_processing import ImageLoadError, load_image
 
 from .conversation import tokenize_generation_prompt, tower_query
-from .inference import answer_questions, load_pretrained_model, score_continuations
+from .inference import answer_questions, inference_dtype, load_pretrained_model, score_continuations
 from .modeling import TruncationWarning
 
 # Generation settings passed on to `generate`; other task keys (LLaVA's image_aspect_ratio ...) mean
@@ -60,14 +61,6 @@ _GENERATION_KEYS = (
     "length_penalty",
     "no_repeat_ngram_size",
 )
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 DEFAULT_MAX_NEW_TOKENS = 16
 
 
@@ -111,7 +104,7 @@ class DoveLlava(lmms):
         threshold: float | str | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_new_tokens: int | str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; only meaningful for batch_size=auto
         *,
@@ -134,10 +127,11 @@ class DoveLlava(lmms):
         self.max_new_tokens = (
             None if max_new_tokens in (None, "") else _parse_positive_int("max_new_tokens", max_new_tokens)
         )
-        if str(dtype) not in _DTYPES:
-            raise ValueError(f"dove_llava: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.torch_dtype = _DTYPES[str(dtype)]
         self._device = torch.device(_default_device(device))
+        try:
+            self.torch_dtype = inference_dtype(dtype, self._device)
+        except ValueError as err:
+            raise ValueError(f"dove_llava: {err}") from None
         self.release_on_clean = bool(release_on_clean)
         self._model = None
         self._tokenizer = None

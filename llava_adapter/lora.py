@@ -1,8 +1,9 @@
 """LoRA on the LLM of a `DoveLlavaForCausalLM`, through peft.
 
 Only the LLM is wrapped: the projector is trained in full (it is small and new) and the tower is not
-the LLM's business, so neither can ever receive adapter layers. The LLM's output layer is left out
-too, as LLaVA does: its width is the vocabulary, and adapting it buys little for its size.
+the LLM's business, so neither can ever receive adapter layers. Which layers of the LLM: peft's own
+`"all-linear"` rule, which takes `nn.Linear` and transformers' `Conv1D` (GPT-2's) alike and leaves out the
+output layer, as LLaVA does (its width is the vocabulary, and adapting it buys little for its size).
 """
 
 from __future__ import annotations
@@ -18,27 +19,11 @@ from tokenizer.hub import resolve_pretrained_dir
 
 from .modeling import DoveLlavaForCausalLM
 
+LORA_ALL_LINEAR = "all-linear"  # peft's rule: nn.Linear and Conv1D layers, the output layer excepted
+
 
 def is_lora_wrapped(llm: nn.Module) -> bool:
     return hasattr(llm, "peft_config") and hasattr(llm, "merge_and_unload")
-
-
-def lora_target_modules(llm: PreTrainedModel) -> list[str]:
-    """Every linear layer of the LLM except its output layer, as peft `target_modules` names.
-
-    Leaf names (`q_proj`, `dense_h_to_4h`, ...) when they single out exactly those layers; full module
-    paths in the rare model where the output layer shares a leaf name with an inner layer.
-    """
-    output = llm.get_output_embeddings()
-    linear = {name: module for name, module in llm.named_modules() if isinstance(module, nn.Linear)}
-    inner = {name for name, module in linear.items() if module is not output}
-    if not inner:
-        raise ValueError(f"{type(llm).__name__} has no linear layers besides its output layer to adapt")
-    output_names = {name for name, module in linear.items() if module is output}
-    leaves = {name.rsplit(".", 1)[-1] for name in inner}
-    if any(name.rsplit(".", 1)[-1] in leaves for name in output_names):
-        return sorted(inner)
-    return sorted(leaves)
 
 
 def apply_lora(
@@ -50,7 +35,8 @@ def apply_lora(
 ) -> nn.Module:
     """Wrap `llm` in a peft LoRA model (LLaVA-1.5's defaults: r=128, alpha=256, dropout 0.05).
 
-    Only the adapter weights are trainable afterwards; the base weights are frozen by peft.
+    `target_modules` (peft names) default to every linear layer of the LLM but its output layer (module
+    doc). Only the adapter weights are trainable afterwards; the base weights are frozen by peft.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -58,7 +44,7 @@ def apply_lora(
         raise ValueError("the LLM already carries a LoRA adapter; merge it first or keep training it")
     if r < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {r}")
-    targets = list(target_modules) if target_modules else lora_target_modules(llm)
+    targets = list(target_modules) if target_modules else LORA_ALL_LINEAR
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )

@@ -133,7 +133,9 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         if llm is None:
             if not config.llm_config:
                 raise ValueError("DoveLlavaConfig.llm_config is empty: pass an LLM or an LLM config")
-            llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.llm_config))
+            # float32 whatever dtype the LLM was last saved in (`llm_config` records it): fresh weights are
+            # master weights; half precision is for autocast or an explicit inference load.
+            llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.llm_config), dtype=torch.float32)
         if config.image_token_id is None:
             raise ValueError("DoveLlavaConfig.image_token_id must be set (the id of the <image> placeholder)")
         self.vision_tower = vision_tower
@@ -162,14 +164,16 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         model_max_length: int | None = None,
         conversation_template: str = "auto",
         pretrained_projector: str | os.PathLike | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> DoveLlavaForCausalLM:
         """A new VLM from an LLM (model, dir or hub id) and a tower (tower, tokenizer, dir, hub id or preset).
 
         The projector is new unless `pretrained_projector` names a file of `mm_projector.*` tensors. The
         `<image>` id comes from `image_token_id` or from `tokenizer` (which must already know `<image>`;
         see `conversation.add_image_token`). The id need not be inside the LLM's vocabulary: placeholder
-        positions are never looked up in the embedding table.
+        positions are never looked up in the embedding table. An LLM named by dir or hub id loads in `dtype`,
+        by default float32 whatever dtype its checkpoint holds (hub checkpoints are mostly fp16/bf16): the
+        master weights training needs.
         """
         llm_source = None
         if not isinstance(llm, PreTrainedModel):
@@ -217,6 +221,15 @@ class DoveLlavaForCausalLM(PreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self.llm.get_output_embeddings()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LLM's dtype: what the spliced embeddings, the projector and the logits are computed in.
+
+        Not the first parameter's, as `PreTrainedModel.dtype` would say: that is the tower's, which keeps its
+        own dtype (`vision_tower.dtype`; its VQ stays float32) when the LLM is loaded in half precision.
+        """
+        return self.get_input_embeddings().weight.dtype
 
     @property
     def max_length(self) -> int:
@@ -504,16 +517,21 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device_map: str | torch.device | None = None,
         is_trainable: bool = False,
         **kwargs: Any,
     ) -> DoveLlavaForCausalLM:
         """Load a directory (or hub id) written by `save_pretrained`, LoRA adapter included when present.
 
+        `dtype` is the LLM's (and the projector's); the tower keeps float32. The default, float32 whatever
+        the checkpoint's dtype, gives the master weights training needs (bf16 training is autocast over
+        them); pass `torch.bfloat16` to load for inference, or `"auto"` for the dtype the LLM was saved in.
         `is_trainable` keeps a loaded LoRA adapter trainable (to continue fine-tuning); `attn_implementation`
         is passed to the LLM's loader.
         """
+        if "torch_dtype" in kwargs:  # would otherwise be dropped silently, leaving float32
+            raise TypeError("DoveLlavaForCausalLM.from_pretrained takes dtype=, not torch_dtype=")
         directory = resolve_pretrained_dir(pretrained_model_name_or_path)
         config = DoveLlavaConfig.from_pretrained(directory)
         tower = DoveVisionTower(

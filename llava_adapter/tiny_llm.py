@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from .constants import IMAGE_TOKEN
 
@@ -105,8 +112,19 @@ def build_tiny_llm(
         config = LlamaConfig(num_key_value_heads=max(1, heads // 2), **common)
     elif arch == "gpt_neox":
         config = GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
+    elif arch == "gpt2":  # transformers' Conv1D layers instead of nn.Linear
+        config = GPT2Config(
+            vocab_size=common["vocab_size"],
+            n_embd=hidden,
+            n_inner=hidden * 4,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=max_positions,
+            **{k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")},
+            initializer_range=init_std,
+        )
     else:
-        raise ValueError(f"unknown tiny LLM arch {arch!r}; expected 'llama' or 'gpt_neox'")
+        raise ValueError(f"unknown tiny LLM arch {arch!r}; expected 'llama', 'gpt_neox' or 'gpt2'")
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

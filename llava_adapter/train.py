@@ -5,11 +5,12 @@ answer). Stage 2 (instruction tuning): LoRA adapters on the LLM's linear layers,
 plus the projector at its own learning rate; the LLM's chat template (or `vicuna_v1`). The tower's own
 trainable part (`tower_trainable`) joins stage 2.
 
-DeepSpeed: pass a ZeRO config (`scripts/zero2.json`, `zero3.json`, `zero3_offload.json`); the Trainer
-fills its "auto" fields. Launch with `deepspeed` or `torchrun` (see `scripts/finetune_*.sh`), or as a
-plain process for a single device. `bf16` under DeepSpeed runs as DeepSpeed's torch autocast rather
-than its bf16 mode: the bf16 mode casts every parameter directly, bypassing the guard that keeps the
-VQ encoder in fp32, whereas autocast leaves parameters in fp32 and the VQ switches autocast off.
+DeepSpeed: pass a ZeRO config by name (`zero2`, `zero3`, `zero3_offload`: shipped in
+`llava_adapter/deepspeed_configs`) or as a path to a JSON file; the Trainer fills its "auto" fields.
+Launch with `deepspeed` or `torchrun` (see `scripts/finetune_*.sh`), or as a plain process for a single
+device. `bf16` under DeepSpeed runs as DeepSpeed's torch autocast rather than its bf16 mode: the bf16
+mode casts every parameter directly, bypassing the guard that keeps the VQ encoder in fp32, whereas
+autocast leaves parameters in fp32 and the VQ switches autocast off.
 
 The model is built before the DeepSpeed config is handed to `transformers`, so ZeRO-3 partitions it when
 the engine starts rather than while the LLM loads (`zero.Init`); each process holds the full model once
@@ -36,6 +37,7 @@ from tokenizer.hub import resolve_pretrained_dir
 
 from .conversation import add_image_token
 from .data import LlavaCollator, LlavaConversationDataset, pad_token_id
+from .deepspeed_configs import resolve_deepspeed_config
 from .inference import load_llm_tokenizer
 from .lora import apply_lora, is_lora_wrapped, merge_lora
 from .modeling import DoveLlavaForCausalLM
@@ -294,10 +296,9 @@ class DoveLlavaTrainer(Trainer):
 
 
 def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; with `bf16`, its bf16 mode becomes bf16 torch autocast (see module doc)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    """Read a DeepSpeed JSON config (a packaged config's name or a path); with `bf16`, its bf16 mode becomes
+    bf16 torch autocast (see module doc)."""
+    path = resolve_deepspeed_config(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -10,7 +10,7 @@
 #   DATA       LLaVA conversation JSON (default: LLaVA's 558k pretraining captions)
 #   IMAGES     image folder the JSON's paths are relative to
 #   OUTPUT     output directory
-#   DS_CONFIG  DeepSpeed config (default scripts/zero2.json; empty for none)
+#   DS_CONFIG  DeepSpeed config: zero2 (default), zero3, zero3_offload or a JSON file; empty for none
 set -euo pipefail
 
 LAUNCHER=${LAUNCHER:-deepspeed}
@@ -21,7 +21,7 @@ TOWER=${TOWER:?set TOWER to a DOVE tokenizer checkpoint (dir or hub id)}
 DATA=${DATA:-./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}
 IMAGES=${IMAGES:-./playground/data/LLaVA-Pretrain/images}
 OUTPUT=${OUTPUT:-./checkpoints/dove-llava-stage1}
-DS_CONFIG=${DS_CONFIG-scripts/zero2.json}
+DS_CONFIG=${DS_CONFIG-zero2}
 
 case "$LAUNCHER" in
   deepspeed) launch=(deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank --module dove_vlm.cli) ;;

@@ -9,7 +9,7 @@
 #   DATA       LLaVA conversation JSON (default: LLaVA's 665k instruction mix)
 #   IMAGES     image folder the JSON's paths are relative to
 #   OUTPUT     output directory
-#   DS_CONFIG  DeepSpeed config (default scripts/zero3.json; scripts/zero3_offload.json for small GPUs)
+#   DS_CONFIG  DeepSpeed config: zero3 (default; zero3_offload for small GPUs), zero2 or a JSON file
 set -euo pipefail
 
 LAUNCHER=${LAUNCHER:-deepspeed}
@@ -19,7 +19,7 @@ MODEL=${MODEL:-./checkpoints/dove-llava-stage1}
 DATA=${DATA:-./playground/data/llava_v1_5_mix665k.json}
 IMAGES=${IMAGES:-./playground/data}
 OUTPUT=${OUTPUT:-./checkpoints/dove-llava-stage2-lora}
-DS_CONFIG=${DS_CONFIG-scripts/zero3.json}
+DS_CONFIG=${DS_CONFIG-zero3}
 
 case "$LAUNCHER" in
   deepspeed) launch=(deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank --module dove_vlm.cli) ;;

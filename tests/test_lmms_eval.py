@@ -24,14 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
+from dove_vlm.lmms_tasks import TASKS_DIR
 from dove_vlm.shapes import make_shapes
 from llava_adapter import DoveLlavaForCausalLM
 from llava_adapter.inference import answer_questions
 from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = REPO / "eval" / "tasks"
 TASK = "dove_shapes_vqa"
 LIMIT = 8
 BATCH = 4

@@ -15,13 +15,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="EOS threshold (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU); the tower stays float32",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from llava_adapter.inference import answer_questions, load_pretrained_model
 
-    tokenizer, model, _, _ = load_pretrained_model(args.model, device=args.device)
+    tokenizer, model, _, _ = load_pretrained_model(args.model, device=args.device, dtype=args.dtype)
     if args.budget is not None and not 1 <= args.budget <= model.vision_tower.num_patches:
         raise ValueError(f"--budget: {args.budget} is outside [1, {model.vision_tower.num_patches}] for this model")
     (answer,) = answer_questions(

@@ -47,13 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each task (for quick checks)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
     parser.add_argument(
         "--include-path",
         action="append",
         default=None,
-        help="lmms-eval task folder (repeatable; default: this checkout's eval/tasks)",
+        help="lmms-eval task folder (repeatable; default: the dove tasks shipped with dove-vlm)",
     )
     parser.add_argument(
         "--shapes-dir", default=None, help=f"make-shapes output for the shapes tasks (default: ${SHAPES_DIR_ENV})"
@@ -293,11 +298,12 @@ def _budget_list(text: str) -> list[str | int]:
 
 
 def _default_task_dir() -> Path:
-    """eval/tasks of this checkout (the task folders ship with the source, not inside the package)."""
-    path = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-    if not path.is_dir():
-        raise FileNotFoundError(f"no task folder at {path}; pass --include-path DIR (a checkout's eval/tasks)")
-    return path
+    """The task folders shipped inside the package (`dove_vlm.lmms_tasks`), found wherever it is installed."""
+    from dove_vlm.lmms_tasks import TASKS_DIR
+
+    if not any(TASKS_DIR.glob("*/*.yaml")):
+        raise FileNotFoundError(f"no lmms-eval task folders in {TASKS_DIR} (a broken install?); pass --include-path")
+    return TASKS_DIR
 
 
 def _shapes_dir(value: str | None) -> Path:

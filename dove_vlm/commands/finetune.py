@@ -2,8 +2,8 @@
 
 Runs as a plain process, or under a launcher for several devices and DeepSpeed:
 
-    deepspeed --no_local_rank --module dove_vlm.cli finetune --deepspeed scripts/zero2.json ...
-    torchrun --nproc_per_node 8 -m dove_vlm.cli finetune --deepspeed scripts/zero3.json ...
+    deepspeed --no_local_rank --module dove_vlm.cli finetune --deepspeed zero2 ...
+    torchrun --nproc_per_node 8 -m dove_vlm.cli finetune --deepspeed zero3 ...
 
 (`--no_local_rank` because the launcher would otherwise put `--local_rank` before the sub-command;
 every launcher also sets the LOCAL_RANK environment variable, which is what is read.)
@@ -93,7 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=False,
         help="bf16 mixed precision (autocast; the VQ stays fp32)",
     )
-    train.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. scripts/zero2.json")
+    train.add_argument(
+        "--deepspeed", help="DeepSpeed config: zero2, zero3 or zero3_offload (shipped with dove-vlm), or a JSON file"
+    )
     train.add_argument("--save-steps", type=int, help="also write a resumable checkpoint every N steps")
     train.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint-<step> in --output (if there is one)"

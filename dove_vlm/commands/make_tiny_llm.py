@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", required=True, nargs="+", help="LLaVA conversation JSON file(s) to learn the vocabulary from"
     )
     parser.add_argument("--output", required=True, help="directory for the model and its tokenizer")
-    parser.add_argument("--arch", choices=("llama", "gpt_neox"), default="llama")
+    parser.add_argument("--arch", choices=("llama", "gpt_neox", "gpt2"), default="llama")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
