@@ -178,3 +178,12 @@ def test_kill_during_vlm_save_leaves_the_previous_model_and_the_users_files(tmp_
     assert not retired_path(folder).exists()
     assert_untouched(user)
     assert (folder / "README.md").read_text() == "# my model\n"
+
+
+def test_saving_into_a_folder_that_holds_only_other_things(tmp_path):
+    folder = tmp_path / "model"
+    user = add_user_files(folder)
+    first = tiny_tokenizer(0)
+    first.save_pretrained(folder)
+    assert_untouched(user)
+    assert same_weights(DoveTokenizer.from_pretrained(folder), first)

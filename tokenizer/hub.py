@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def saved_files(directory: str | os.PathLike) -> list[str]:
         return []
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest} is not a valid save manifest ({err}); delete it to save again") from err
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        # Unreadable: this save still replaces the files it writes, it only cannot remove stale ones.
+        warnings.warn(f"{manifest} is not a valid save manifest ({err}); leaving the files it named", stacklevel=2)
+        return []
     return [str(f) for f in files if _is_inside(str(f))] + [SAVE_MANIFEST]
 
 
@@ -145,6 +148,7 @@ def _replace_files(staging: Path, target: Path, written: list[str], owned: Seque
     changed = sorted(rel for rel in previous | written_set if (target / rel).is_file())
     backup = target.parent / f".{target.name}.old-tmp"
     shutil.rmtree(backup, ignore_errors=True)
+    backup.mkdir()
     for rel in changed:
         _link_or_copy(target / rel, backup / rel)
     added = sorted(written_set - set(changed))
