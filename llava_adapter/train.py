@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from tokenizer.hub import resolve_pretrained_dir
+from tokenizer.checkpointing import existing_run_error
+from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 
 from .conversation import add_image_token
 from .data import LlavaCollator, LlavaConversationDataset, pad_token_id
@@ -44,6 +46,7 @@ from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune_log.json"
+TRAINING_ARGS_FILE = "training_args.bin"  # the Trainer's own name for it
 STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"
 DEFAULT_LEARNING_RATES = {"stage1": 1e-3, "lora": 2e-4, "full": 2e-5}  # LLaVA-1.5's
 
@@ -97,6 +100,7 @@ class FinetuneArguments:
     report_to: list[str] = field(default_factory=list)
     save_llm: bool | None = None
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -287,7 +291,7 @@ class DoveLlavaTrainer(Trainer):
         model.save_pretrained(
             output_dir, state_dict=state_dict, tokenizer=self.processing_class, save_llm=self.save_llm
         )
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -316,14 +320,39 @@ def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
     return config
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-<step>` the Trainer wrote in `output_dir`, or None to start afresh."""
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-<step>` directories the Trainer wrote in `output_dir`, oldest first."""
     steps = []
     for path in Path(output_dir).glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
         if path.is_dir() and suffix.isdigit():
             steps.append((int(suffix), path))
-    return str(max(steps)[1]) if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` the Trainer wrote in `output_dir`, or None to start afresh."""
+    found = checkpoint_dirs(output_dir)
+    return str(found[-1]) if found else None
+
+
+def claim_output_dir(args: FinetuneArguments) -> None:
+    """Refuse a fresh run over an earlier run's checkpoints (the Trainer would mix both, and `--resume` would
+    continue the old one); `overwrite` deletes those checkpoints, and the model and log that run saved."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite discards it: pass one of them")
+    found = checkpoint_dirs(args.output_dir)
+    if args.resume or not found:
+        return
+    if not args.overwrite:
+        raise existing_run_error(args.output_dir, found)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("--overwrite: discarding the earlier run in %s", args.output_dir)
+        for path in found:
+            shutil.rmtree(path)
+        remove_saved_files(args.output_dir)
+        for name in (LOG_FILE, TRAINING_ARGS_FILE):
+            Path(args.output_dir, name).unlink(missing_ok=True)
 
 
 def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
@@ -363,6 +392,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
     # A DeepSpeed config left active by an earlier run in this process would make `from_pretrained`
     # partition the LLM while it loads (ZeRO-3); this stage builds its model unpartitioned (module doc).
     unset_hf_deepspeed_config()
+    claim_output_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args)
     configure_trainable(model, args)

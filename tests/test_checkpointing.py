@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -105,3 +106,42 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     run_cli(*args, "--resume")  # and training picks up from it and finishes
     assert [s for s, _ in manager.list()] == [4, 6]
     assert not list(root.glob(".step-*"))  # the half-written directory was cleaned up
+
+
+# ------------------------------------------------------------------------------------------ reused output folders
+
+
+def _train(config: Path, data: Path, out: Path, **kwargs):
+    from tokenizer.train import train_tokenizer
+    from tokenizer.training_config import load_training_file
+
+    return train_tokenizer(load_training_file(config), data / "images", out, progress=False, **kwargs)
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_output_unless_told_to_overwrite(tmp_path, capsys):
+    from dove_vlm.cli import main as cli_main
+    from tokenizer.checkpointing import ExistingRunError
+
+    data = make_shapes_data(tmp_path / "shapes", n=8)
+    config = write_config(tmp_path / "run.yaml", max_steps=4, checkpoint_every=2, codebook_init_images=0)
+    out = tmp_path / "run"
+    _train(config, data, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "README").write_text("mine too")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ExistingRunError, match="use --resume to continue it, or --overwrite to discard it"):
+        _train(config, data, out)
+    args = ["train-tokenizer", "--config", str(config), "--data", str(data / "images"), "--output", str(out)]
+    assert cli_main([*args, "--no-progress", "--max-steps", "2"]) == 2
+    assert "step-00000004" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing was touched
+
+    config2 = write_config(tmp_path / "run2.yaml", max_steps=2, checkpoint_every=2, codebook_init_images=0, seed=7)
+    summary = _train(config2, data, out, overwrite=True)
+    assert summary.steps == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "step-00000002"]
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # only the new run's metrics
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoints" / "README").read_text() == "mine too"
+    with pytest.raises(ValueError, match="pass one of them"):
+        _train(config2, data, out, overwrite=True, resume=True)

@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Test hook, for timing only: "STEP:SECONDS" sleeps halfway through writing checkpoint STEP, so a test can
 # kill the process at exactly that point. Unset in normal use.
 SLOW_WRITE_ENV = "DOVE_TEST_SLOW_CHECKPOINT_WRITE"
+
+
+class ExistingRunError(ValueError):
+    """A fresh run was pointed at a folder where an earlier run left its checkpoints or results."""
+
+
+def existing_run_error(output_dir: str | os.PathLike, found: Sequence[Path]) -> ExistingRunError:
+    """The refusal both training commands give: continuing and discarding must be asked for, never implied."""
+    shown = ", ".join(str(p) for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return ExistingRunError(
+        f"{output_dir} already holds a training run ({shown}); use --resume to continue it, or --overwrite to "
+        "discard it (resume=True / overwrite=True from Python)"
+    )
 
 
 def step_dir_name(step: int) -> str:
