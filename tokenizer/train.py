@@ -377,15 +377,15 @@ class TokenizerTrainer:
         if not resume:
             return None
         if resume is True or str(resume) == "latest":
-            path = self.checkpoints.latest()
-            if path is None:
+            # The newest checkpoint that verifies: a damaged one is skipped with a warning naming it.
+            checkpoint = self.checkpoints.load_latest()
+            if checkpoint is None:
                 if self.accelerator.is_main_process:
                     logger.warning("--resume: no checkpoint under %s yet; starting from step 0", self.checkpoints.root)
                 return None
         else:
-            path = Path(resume)
-        checkpoint = CheckpointManager.load(path)
-        self.resumed_from = path
+            checkpoint = CheckpointManager.load(resume)
+        self.resumed_from = checkpoint.path
         return checkpoint
 
     def _restore(self, checkpoint: TrainingCheckpoint) -> None:
