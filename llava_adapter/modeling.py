@@ -25,9 +25,10 @@ Saved layout (`save_pretrained`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenizer import DoveConfig, DoveTokenizer
-from tokenizer.hub import atomic_directory, resolve_pretrained_dir
+from tokenizer.hub import atomic_directory, corrupt_weights_error, resolve_pretrained_dir
 from tokenizer.modeling import TEXT_TOKENIZER_DIR, WEIGHTS_NAME
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
@@ -530,14 +531,16 @@ class DoveLlavaForCausalLM(PreTrainedModel):
                 raise FileNotFoundError(f"{directory} holds no {LLM_DIR}/ and its config records no llm_source")
             llm_dir = resolve_pretrained_dir(config.llm_source)
         llm_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation",) if k in kwargs}
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32, **llm_kwargs)
+        with _naming_damaged_weights(llm_dir):
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32, **llm_kwargs)
         model = cls(config, llm=llm, vision_tower=tower)
         load_projector_weights(model.mm_projector, directory / PROJECTOR_FILE)
         model.mm_projector.to(dtype=model.get_input_embeddings().weight.dtype)
         if (directory / ADAPTER_CONFIG).is_file():
             from peft import PeftModel
 
-            model.llm = PeftModel.from_pretrained(model.llm, str(directory), is_trainable=is_trainable)
+            with _naming_damaged_weights(directory / "adapter_model.safetensors"):
+                model.llm = PeftModel.from_pretrained(model.llm, str(directory), is_trainable=is_trainable)
         if device_map is not None and str(device_map) != "auto":
             model.to(device_map)
         return model.eval()
@@ -550,6 +553,25 @@ def register_auto_classes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _naming_damaged_weights(where: Path) -> Iterator[None]:
+    """transformers and peft let a damaged safetensors file escape as a bare SafetensorError naming no file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        yield
+    except SafetensorError as err:
+        damaged = where
+        for candidate in sorted(where.glob("*.safetensors")) if where.is_dir() else ():
+            try:
+                with safe_open(str(candidate), framework="pt"):
+                    pass
+            except SafetensorError:
+                damaged = candidate
+                break
+        raise corrupt_weights_error(damaged, err) from err
 
 
 def _llm_hidden_size(llm: PreTrainedModel) -> int:

@@ -187,3 +187,63 @@ def test_saving_into_a_folder_that_holds_only_other_things(tmp_path):
     first.save_pretrained(folder)
     assert_untouched(user)
     assert same_weights(DoveTokenizer.from_pretrained(folder), first)
+
+
+# ------------------------------------------------------------------------------------------ damaged weights
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "random bytes": lambda data: os.urandom(len(data)),
+    "empty": lambda data: b"",
+}
+
+
+def damage(path: Path, how: str) -> None:
+    path.write_bytes(DAMAGE[how](path.read_bytes()))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_tokenizer_weights_file_is_named_by_the_api_and_the_commands(how, tmp_path, capsys):
+    from dove_vlm.cli import main as cli_main
+    from tokenizer.hub import CorruptWeightsError
+
+    folder = tmp_path / "model"
+    tiny_tokenizer(0).save_pretrained(folder)
+    damage(folder / "model.safetensors", how)
+    with pytest.raises(CorruptWeightsError, match="model.safetensors is damaged"):
+        DoveTokenizer.from_pretrained(folder)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(image)
+    commands = [
+        ["info", str(folder)],
+        ["reconstruct", str(image), "--checkpoint", str(folder), "--out", str(tmp_path / "r.png")],
+        ["eval-recon", "--checkpoint", str(folder), "--data", str(tmp_path), "--out", str(tmp_path / "eval")],
+    ]
+    for argv in commands:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{folder / 'model.safetensors'} is damaged" in err and "save it again" in err, err
+
+
+@pytest.mark.parametrize(
+    "part", ["vision_tower/model.safetensors", "mm_projector.safetensors", "llm/model.safetensors"]
+)
+def test_a_damaged_vlm_weights_file_is_named(part, tmp_path, capsys):
+    from dove_vlm.cli import main as cli_main
+    from llava_adapter import DoveLlavaForCausalLM
+    from tokenizer.hub import CorruptWeightsError
+
+    folder = tmp_path / "vlm"
+    model, tokenizer = tiny_vlm(0)
+    model.save_pretrained(folder, tokenizer=tokenizer)
+    damage(folder / part, "random bytes")
+    with pytest.raises(CorruptWeightsError, match=f"{part} is damaged"):
+        DoveLlavaForCausalLM.from_pretrained(folder)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(image)
+    assert cli_main(["chat", "--model", str(folder), "--image", str(image), "--question", "What color?"]) == 2
+    assert f"{folder / part} is damaged" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # Written last by every save: the files it wrote, so the next save into the same folder replaces (or removes)
 # exactly those and nothing else.
@@ -46,6 +47,30 @@ def resolve_pretrained_dir(path_or_id: str | os.PathLike, revision: str | None =
             f"{name!r} is neither a local path nor a reachable Hugging Face hub repository ({type(err).__name__}: {err})"
         ) from err
     return snapshot / subfolder if subfolder else snapshot
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file that cannot be read: truncated, empty, or not a safetensors file at all."""
+
+
+def corrupt_weights_error(path: str | os.PathLike, err: Exception) -> CorruptWeightsError:
+    """The message every loader gives for an unreadable weights file: which file, and what to do about it."""
+    return CorruptWeightsError(
+        f"{path} is damaged and cannot be read ({type(err).__name__}: {err}): it may be truncated, empty or not a "
+        "safetensors file. Copy or download the model again, or save it again from its source (a training "
+        "run's checkpoints hold complete copies)"
+    )
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """`safetensors.torch.load_file`, with a damaged file reported by name (`CorruptWeightsError`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise corrupt_weights_error(path, err) from err
 
 
 @contextlib.contextmanager
