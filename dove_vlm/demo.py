@@ -4,8 +4,9 @@ scores with visual token counts -> report.md.
 Every step is one ordinary `dove-vlm` command (stage 1 and 2 under the `deepspeed` launcher, ZeRO-2 on the
 CPU), run as its own process with the arguments the report lists, so any step can be re-run alone by
 copying its line, or with `dove-vlm demo --out DIR --steps NAME,...`. A re-run step starts over: the
-training steps pass `--overwrite`, since they refuse a folder holding an earlier run unless told to discard it
-(or to `--resume` it). Nothing here trains or scores by itself: the demo is a recipe (`DemoRecipe`) plus the order of the commands.
+training steps pass `--overwrite`, since they refuse a folder holding an earlier run unless told to discard
+it (or to `--resume` it). Nothing here trains or scores by itself: the demo is a recipe (`DemoRecipe`) plus
+the order of the commands.
 
 Why the recipe looks the way it does (numbers measured on 2 CPU cores, see the report):
 - The LLM is a small random LLaMA, so it has to learn the language of the questions as well as the

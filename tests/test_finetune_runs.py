@@ -26,12 +26,12 @@ def workspace(tmp_path_factory):
 
 
 def stage1(workspace, output: Path, **overrides) -> FinetuneArguments:
-    values = dict(
-        stage=1, data=str(workspace.subset), image_folder=str(workspace.images), output_dir=str(output),
-        llm=str(workspace.llm_dir), tower=str(workspace.tower_dir), per_device_train_batch_size=2, max_steps=4,
-        learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler_type="constant", group_by_visual_length=False,
-        save_steps=2, save_total_limit=2,
-    )  # fmt: skip
+    values = {
+        "stage": 1, "data": str(workspace.subset), "image_folder": str(workspace.images), "output_dir": str(output),
+        "llm": str(workspace.llm_dir), "tower": str(workspace.tower_dir), "per_device_train_batch_size": 2,
+        "max_steps": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+        "group_by_visual_length": False, "save_steps": 2, "save_total_limit": 2,
+    }  # fmt: skip
     values.update(overrides)
     return FinetuneArguments(**values)
 
@@ -74,5 +74,7 @@ def test_finetune_resume_skips_a_damaged_newest_checkpoint(workspace, tmp_path, 
     for path in (newest, previous):
         (path / CHECKPOINT_RECORD).unlink()
         (path / "scheduler.pt").write_bytes(b"not a zip archive")
-    with pytest.raises(CorruptCheckpointError, match=r"no usable checkpoint.*checkpoint-4.*scheduler\.pt.*checkpoint-2"):
+    with pytest.raises(
+        CorruptCheckpointError, match=r"no usable checkpoint.*checkpoint-4.*scheduler\.pt.*checkpoint-2"
+    ):
         finetune(stage1(workspace, out, resume=True))

@@ -48,10 +48,10 @@ from tqdm.auto import tqdm
 from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint, existing_run_error
 from .data import build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
+from .hub import remove_saved_files
 from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
 from .losses import ReconstructionLoss, drop_queries, relevance_weights
-from .hub import remove_saved_files
 from .modeling import WEIGHTS_NAME, DoveTokenizer
 from .sampler import ResumableSampler
 from .training_config import ModelSpec, TrainConfig, TrainingSetup
