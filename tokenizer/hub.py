@@ -124,12 +124,15 @@ def recover_interrupted_save(target: str | os.PathLike) -> None:
             os.replace(retired, target)
         elif (retired / _ROLLBACK).is_file():
             added = json.loads((retired / _ROLLBACK).read_text())["added"]
+            # Copied back (linked), not moved: the retired copy stays complete, and loadable, until the end.
             for rel in _relative_files(retired, skip=(_ROLLBACK,)):
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(retired / rel, target / rel)
+                restoring = (target / rel).with_name(f".{Path(rel).name}.dove-restore")
+                restoring.unlink(missing_ok=True)
+                _link_or_copy(retired / rel, restoring)
+                os.replace(restoring, target / rel)
             for rel in added:
                 _remove_file(target, rel)
-            shutil.rmtree(retired, ignore_errors=True)
+            _discard_retired(retired)
         else:  # a completed whole-directory swap whose cleanup was cut short
             shutil.rmtree(retired, ignore_errors=True)
     shutil.rmtree(target.parent / f".{target.name}.old-tmp", ignore_errors=True)
@@ -188,7 +191,13 @@ def _replace_files(staging: Path, target: Path, written: list[str], owned: Seque
             _maybe_pause_save()
     for rel in sorted(previous - written_set):
         _remove_file(target, rel)
-    shutil.rmtree(retired_path(target), ignore_errors=True)
+    _discard_retired(retired_path(target))
+
+
+def _discard_retired(retired: Path) -> None:
+    """Its marker first (one unlink), so a kill during the removal never leaves a partial copy that counts."""
+    (retired / _ROLLBACK).unlink(missing_ok=True)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _relative_files(directory: Path, skip: Sequence[str] = ()) -> list[str]:
