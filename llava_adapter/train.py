@@ -419,6 +419,8 @@ def claim_output_dir(args: FinetuneArguments) -> None:
         return
     if not args.overwrite:
         raise existing_run_error(args.output_dir, found)
+    if args.model and Path(args.model).resolve() == Path(args.output_dir).resolve():
+        raise ValueError(f"--model {args.model} is the model --overwrite would delete; write to another --output")
     if int(os.environ.get("RANK", "0")) == 0:
         logger.warning("--overwrite: discarding the earlier run in %s", args.output_dir)
         for path in found:

@@ -50,6 +50,8 @@ def test_fresh_finetune_refuses_an_earlier_run_and_overwrite_discards_only_that_
         finetune(stage1(workspace, out, max_steps=2, seed=7))
     with pytest.raises(ValueError, match="pass one of them"):
         finetune(stage1(workspace, out, resume=True, overwrite=True))
+    with pytest.raises(ValueError, match="is the model --overwrite would delete"):
+        finetune(stage1(workspace, out, llm=None, tower=None, model=str(out), overwrite=True))
     finetune(stage1(workspace, out, max_steps=2, seed=7, save_steps=None, overwrite=True))
     assert not list(out.glob("checkpoint-*"))
     assert (out / "notes.txt").read_text() == "mine"
