@@ -3,8 +3,10 @@ scores with visual token counts -> report.md.
 
 Every step is one ordinary `dove-vlm` command (stage 1 and 2 under the `deepspeed` launcher, ZeRO-2 on the
 CPU), run as its own process with the arguments the report lists, so any step can be re-run alone by
-copying its line, or with `dove-vlm demo --out DIR --steps NAME,...`. Nothing here trains or scores by
-itself: the demo is a recipe (`DemoRecipe`) plus the order of the commands.
+copying its line, or with `dove-vlm demo --out DIR --steps NAME,...`. A re-run step starts over: the
+training steps pass `--overwrite`, since they refuse a folder holding an earlier run unless told to discard
+it (or to `--resume` it). Nothing here trains or scores by itself: the demo is a recipe (`DemoRecipe`) plus
+the order of the commands.
 
 Why the recipe looks the way it does (numbers measured on 2 CPU cores, see the report):
 - The LLM is a small random LLaMA, so it has to learn the language of the questions as well as the
@@ -333,7 +335,7 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
     display, argv = cli(
         "train-tokenizer", "--config", str(paths.tokenizer_config), "--data", str(paths.images),
         "--annotations", str(paths.split_file("train", "annotations.json")), "--output", str(paths.tokenizer_run),
-        extra=quiet,
+        "--overwrite", extra=quiet,
     )  # fmt: skip
     steps.append(
         DemoStep(
@@ -362,13 +364,13 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
     ]  # fmt: skip
     stage1 = [
         "finetune", "--stage", "1", "--llm", str(paths.llm), "--tower", str(paths.tokenizer),
-        "--output", str(paths.stage1), "--epochs", _fmt(recipe.stage1_epochs), "--lr", _fmt(recipe.stage1_lr),
-        "--batch-size", str(recipe.stage1_batch_size), *common,
+        "--output", str(paths.stage1), "--overwrite", "--epochs", _fmt(recipe.stage1_epochs),
+        "--lr", _fmt(recipe.stage1_lr), "--batch-size", str(recipe.stage1_batch_size), *common,
     ]  # fmt: skip
     steps.append(_deepspeed_step("stage1", "VLM stage 1: align the projector (DeepSpeed ZeRO-2)", launcher, stage1))
 
     stage2 = [
-        "finetune", "--stage", "2", "--model", str(paths.stage1), "--output", str(paths.stage2),
+        "finetune", "--stage", "2", "--model", str(paths.stage1), "--output", str(paths.stage2), "--overwrite",
         "--epochs", _fmt(recipe.stage2_epochs), "--lr", _fmt(recipe.stage2_lr),
         "--batch-size", str(recipe.stage2_batch_size), "--lora" if recipe.stage2_lora else "--no-lora", *common,
     ]  # fmt: skip

@@ -25,9 +25,10 @@ Saved layout (`save_pretrained`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenizer import DoveConfig, DoveTokenizer
-from tokenizer.hub import resolve_pretrained_dir
+from tokenizer.hub import atomic_directory, corrupt_weights_error, resolve_pretrained_dir
 from tokenizer.modeling import TEXT_TOKENIZER_DIR, WEIGHTS_NAME
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
@@ -481,7 +482,6 @@ class DoveLlavaForCausalLM(PreTrainedModel):
             return directory
         if not save_llm and not self.config.llm_source:
             raise ValueError("save_llm=False needs config.llm_source (where the LLM weights can be reloaded from)")
-        directory.mkdir(parents=True, exist_ok=True)
         parts = _split_state(state_dict)
         base = self._base_llm()
         self.config.llm_config = base.config.to_dict()
@@ -490,26 +490,28 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         tower = self.vision_tower
         self.config.tower_trainable, self.config.use_query = tower.trainable, tower.use_query
         self.config.eos_threshold, self.config.token_budget = tower.threshold, tower.budget
-        self.config.save_pretrained(directory)
-
-        _save_tower(self.vision_tower.tokenizer, directory / TOWER_DIR, parts[_TOWER_PREFIX])
-        save_file(
-            projector_state_dict(self.mm_projector, parts[_PROJECTOR_PREFIX]),
-            str(directory / PROJECTOR_FILE),
-            metadata={"format": "pt"},
-        )
-        llm_state = parts[_LLM_PREFIX]
-        for name in ADAPTER_FILES:
-            (directory / name).unlink(missing_ok=True)
-        if _is_peft(self.llm):
-            if save_llm:
-                base_state = _base_weights(llm_state if llm_state is not None else self.llm.state_dict())
-                base.save_pretrained(directory / LLM_DIR, state_dict=base_state)
-            self.llm.save_pretrained(str(directory), state_dict=llm_state)
-        elif save_llm:
-            self.llm.save_pretrained(directory / LLM_DIR, state_dict=llm_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        # Only the files written here replace their namesakes in `directory` (anything else there stays),
+        # and a kill mid-save leaves the previous model loadable (see `atomic_directory`).
+        with atomic_directory(directory, owned=ADAPTER_FILES) as staging:
+            self.config.save_pretrained(staging)
+            _save_tower(self.vision_tower.tokenizer, staging / TOWER_DIR, parts[_TOWER_PREFIX])
+            save_file(
+                projector_state_dict(self.mm_projector, parts[_PROJECTOR_PREFIX]),
+                str(staging / PROJECTOR_FILE),
+                metadata={"format": "pt"},
+            )
+            llm_state = parts[_LLM_PREFIX]
+            if _is_peft(self.llm):
+                if save_llm:
+                    base_state = _base_weights(llm_state if llm_state is not None else self.llm.state_dict())
+                    base.save_pretrained(staging / LLM_DIR, state_dict=base_state)
+                self.llm.save_pretrained(str(staging), state_dict=llm_state)
+                # peft's model card is no part of the model and must not replace a README.md of the user's
+                (staging / "README.md").unlink(missing_ok=True)
+            elif save_llm:
+                self.llm.save_pretrained(staging / LLM_DIR, state_dict=llm_state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         return directory
 
     @classmethod
@@ -547,14 +549,16 @@ class DoveLlavaForCausalLM(PreTrainedModel):
                 raise FileNotFoundError(f"{directory} holds no {LLM_DIR}/ and its config records no llm_source")
             llm_dir = resolve_pretrained_dir(config.llm_source)
         llm_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation",) if k in kwargs}
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32, **llm_kwargs)
+        with _naming_damaged_weights(llm_dir):
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or torch.float32, **llm_kwargs)
         model = cls(config, llm=llm, vision_tower=tower)
         load_projector_weights(model.mm_projector, directory / PROJECTOR_FILE)
         model.mm_projector.to(dtype=model.get_input_embeddings().weight.dtype)
         if (directory / ADAPTER_CONFIG).is_file():
             from peft import PeftModel
 
-            model.llm = PeftModel.from_pretrained(model.llm, str(directory), is_trainable=is_trainable)
+            with _naming_damaged_weights(directory / "adapter_model.safetensors"):
+                model.llm = PeftModel.from_pretrained(model.llm, str(directory), is_trainable=is_trainable)
         if device_map is not None and str(device_map) != "auto":
             model.to(device_map)
         return model.eval()
@@ -567,6 +571,25 @@ def register_auto_classes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _naming_damaged_weights(where: Path) -> Iterator[None]:
+    """transformers and peft let a damaged safetensors file escape as a bare SafetensorError naming no file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        yield
+    except SafetensorError as err:
+        damaged = where
+        for candidate in sorted(where.glob("*.safetensors")) if where.is_dir() else ():
+            try:
+                with safe_open(str(candidate), framework="pt"):
+                    pass
+            except SafetensorError:
+                damaged = candidate
+                break
+        raise corrupt_weights_error(damaged, err) from err
 
 
 def _llm_hidden_size(llm: PreTrainedModel) -> int:
@@ -675,11 +698,11 @@ def _save_tower(tokenizer: DoveTokenizer, directory: Path, state: dict[str, torc
     if state is None:
         tokenizer.save_pretrained(directory)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.config.save(directory)
-    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    tokenizer.text_tokenizer.save_pretrained(directory / TEXT_TOKENIZER_DIR)
+    with atomic_directory(directory) as staging:
+        tokenizer.config.save(staging)
+        weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(weights, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        tokenizer.text_tokenizer.save_pretrained(staging / TEXT_TOKENIZER_DIR)
 
 
 register_auto_classes()

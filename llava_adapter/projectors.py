@@ -55,9 +55,9 @@ def load_projector_weights(projector: nn.Module, path: str | os.PathLike) -> Non
     if not path.is_file():
         raise FileNotFoundError(f"projector weights not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from tokenizer.hub import load_safetensors
 
-        raw = load_file(str(path))
+        raw = load_safetensors(path)
     else:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(raw, dict):

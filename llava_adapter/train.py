@@ -23,17 +23,23 @@ import json
 import logging
 import math
 import os
+import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tokenizer.hub import resolve_pretrained_dir
+from tokenizer.checkpointing import CorruptCheckpointError, check_file_digests, existing_run_error, file_digests
+from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 
 from .conversation import add_image_token
 from .data import LlavaCollator, LlavaConversationDataset, pad_token_id
@@ -46,6 +52,8 @@ from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune_log.json"
+TRAINING_ARGS_FILE = "training_args.bin"  # the Trainer's own name for it
+CHECKPOINT_RECORD = "checkpoint_files.json"  # sizes and checksums of a Trainer checkpoint's files
 STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"
 DEFAULT_LEARNING_RATES = {"stage1": 1e-3, "lora": 2e-4, "full": 2e-5}  # LLaVA-1.5's
 
@@ -99,6 +107,7 @@ class FinetuneArguments:
     report_to: list[str] = field(default_factory=list)
     save_llm: bool | None = None
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -283,13 +292,20 @@ class DoveLlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume (without DeepSpeed, whose engine loads its own files): the Trainer's loader looks for one
+        model.safetensors, where a DOVE VLM checkpoint holds the `save_pretrained` layout."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        saved = DoveLlavaForCausalLM.from_pretrained(resume_from_checkpoint, is_trainable=True)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(
             output_dir, state_dict=state_dict, tokenizer=self.processing_class, save_llm=self.save_llm
         )
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -317,14 +333,102 @@ def deepspeed_config(path: str | os.PathLike, bf16: bool) -> dict[str, Any]:
     return config
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-<step>` the Trainer wrote in `output_dir`, or None to start afresh."""
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-<step>` directories the Trainer wrote in `output_dir`, oldest first."""
     steps = []
     for path in Path(output_dir).glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
         if path.is_dir() and suffix.isdigit():
             steps.append((int(suffix), path))
-    return str(max(steps)[1]) if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` in `output_dir` that verifies (`verify_trainer_checkpoint`), or None to
+    start afresh. Each damaged one is skipped with a warning naming it; when none is usable, the error names
+    every damaged file."""
+    problems = []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        try:
+            verify_trainer_checkpoint(path)
+            return str(path)
+        except CorruptCheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s; trying the one before it", path, err)
+            problems.append(f"{path.name}: {err}")
+    if problems:
+        raise CorruptCheckpointError(
+            f"no usable checkpoint in {output_dir}: " + "; ".join(problems) + ". Delete the damaged checkpoint-* "
+            "directories to resume from an earlier one, or start afresh with --overwrite"
+        )
+    return None
+
+
+def verify_trainer_checkpoint(path: str | os.PathLike) -> None:
+    """Raise `CorruptCheckpointError` naming the file when a Trainer checkpoint is unfinished or damaged.
+
+    With the record `ChecksumCallback` writes, every file must have its recorded size and SHA-256. Without
+    one (a kill between the Trainer's save and the record), every file must at least open: the Trainer's
+    state as JSON, safetensors headers, and torch.save archives as zip files, none of them unpickled."""
+    path = Path(path)
+    record = path / CHECKPOINT_RECORD
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(f"{record} is not valid JSON: {err}") from err
+        check_file_digests(path, recorded)
+        return
+    state = path / TRAINER_STATE_NAME
+    if not state.is_file():
+        raise CorruptCheckpointError(f"{path} has no {TRAINER_STATE_NAME}: the Trainer never finished writing it")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file):
+                    pass
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+            raise CorruptCheckpointError(f"{file} is damaged ({type(err).__name__}: {err})") from err
+
+
+class ChecksumCallback(TrainerCallback):
+    """Records the size and SHA-256 of every file of each checkpoint once the Trainer has written it, so a
+    resume can tell a damaged checkpoint (`verify_trainer_checkpoint`) and fall back to the one before."""
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its part of the checkpoint
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and directory.is_dir():
+            files = {k: v for k, v in file_digests(directory).items() if k != CHECKPOINT_RECORD}
+            partial = directory / f".{CHECKPOINT_RECORD}.tmp"
+            partial.write_text(json.dumps(files, indent=1) + "\n")
+            os.replace(partial, directory / CHECKPOINT_RECORD)
+
+
+def claim_output_dir(args: FinetuneArguments) -> None:
+    """Refuse a fresh run over an earlier run's checkpoints (the Trainer would mix both, and `--resume` would
+    continue the old one); `overwrite` deletes those checkpoints, and the model and log that run saved."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite discards it: pass one of them")
+    found = checkpoint_dirs(args.output_dir)
+    if args.resume or not found:
+        return
+    if not args.overwrite:
+        raise existing_run_error(args.output_dir, found)
+    if args.model and Path(args.model).resolve() == Path(args.output_dir).resolve():
+        raise ValueError(f"--model {args.model} is the model --overwrite would delete; write to another --output")
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("--overwrite: discarding the earlier run in %s", args.output_dir)
+        for path in found:
+            shutil.rmtree(path)
+        remove_saved_files(args.output_dir)
+        for name in (LOG_FILE, TRAINING_ARGS_FILE):
+            Path(args.output_dir, name).unlink(missing_ok=True)
 
 
 def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
@@ -364,6 +468,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
     # A DeepSpeed config left active by an earlier run in this process would make `from_pretrained`
     # partition the LLM while it loads (ZeRO-3); this stage builds its model unpartitioned (module doc).
     unset_hf_deepspeed_config()
+    claim_output_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args)
     configure_trainable(model, args)
@@ -411,7 +516,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         sample_lengths=lengths,
         projector_lr=args.projector_lr if args.stage == 2 else None,
         save_llm=save_llm,
-        callbacks=list(callbacks) or None,
+        callbacks=[ChecksumCallback(), *callbacks],
     )
     try:
         trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if args.resume else None)

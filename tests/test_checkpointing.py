@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -12,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizer_training_helpers import cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 from tokenizer import DoveTokenizer
-from tokenizer.checkpointing import SLOW_WRITE_ENV, CheckpointManager, RNGState
+from tokenizer.checkpointing import SLOW_WRITE_ENV, CheckpointManager, CorruptCheckpointError, RNGState
 
 
 def _draw(generator: torch.Generator) -> tuple:
@@ -105,3 +109,84 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     run_cli(*args, "--resume")  # and training picks up from it and finishes
     assert [s for s, _ in manager.list()] == [4, 6]
     assert not list(root.glob(".step-*"))  # the half-written directory was cleaned up
+
+
+# ------------------------------------------------------------------------------------------ reused output folders
+
+
+def _train(config: Path, data: Path, out: Path, **kwargs):
+    from tokenizer.train import train_tokenizer
+    from tokenizer.training_config import load_training_file
+
+    return train_tokenizer(load_training_file(config), data / "images", out, progress=False, **kwargs)
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_output_unless_told_to_overwrite(tmp_path, capsys):
+    from dove_vlm.cli import main as cli_main
+    from tokenizer.checkpointing import ExistingRunError
+
+    data = make_shapes_data(tmp_path / "shapes", n=8)
+    config = write_config(tmp_path / "run.yaml", max_steps=4, checkpoint_every=2, codebook_init_images=0)
+    out = tmp_path / "run"
+    _train(config, data, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "README").write_text("mine too")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ExistingRunError, match="use --resume to continue it, or --overwrite to discard it"):
+        _train(config, data, out)
+    args = ["train-tokenizer", "--config", str(config), "--data", str(data / "images"), "--output", str(out)]
+    assert cli_main([*args, "--no-progress", "--max-steps", "2"]) == 2
+    assert "step-00000004" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing was touched
+
+    config2 = write_config(tmp_path / "run2.yaml", max_steps=2, checkpoint_every=2, codebook_init_images=0, seed=7)
+    summary = _train(config2, data, out, overwrite=True)
+    assert summary.steps == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "step-00000002"]
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # only the new run's metrics
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoints" / "README").read_text() == "mine too"
+    with pytest.raises(ValueError, match="pass one of them"):
+        _train(config2, data, out, overwrite=True, resume=True)
+
+
+# ------------------------------------------------------------------------------------------ damaged checkpoints
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_file_by_file(tmp_path, caplog):
+    """Truncate each file of the newest checkpoint in turn: the run resumes from the one before it, says so,
+    and ends with the parameters of the uninterrupted run."""
+    data = make_shapes_data(tmp_path / "shapes", n=8)
+    config = write_config(tmp_path / "run.yaml", max_steps=4, checkpoint_every=2, codebook_init_images=0)
+    out = tmp_path / "run"
+    _train(config, data, out)
+    reference = load_file(str(out / "final" / "model.safetensors"))
+    root = out / "checkpoints"
+    newest, previous = root / "step-00000004", root / "step-00000002"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(newest, pristine)
+    recorded = json.loads((newest / "trainer_state.json").read_text())["files"]
+    names = [name for name, entry in recorded.items() if entry["size"] > 1] + ["trainer_state.json"]
+    assert {"optimizers.pt", "rng.safetensors", "discriminator.safetensors", "model/model.safetensors"} <= set(names)
+    for name in names:
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        victim = newest / name
+        with open(victim, "r+b") as handle:
+            handle.truncate(victim.stat().st_size // 2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tokenizer.checkpointing"):
+            summary = _train(config, data, out, resume=True)
+        assert summary.resumed_from == previous, name
+        assert f"skipping checkpoint {newest}" in caplog.text and name in caplog.text, caplog.text
+        final = load_file(str(out / "final" / "model.safetensors"))
+        assert final.keys() == reference.keys()
+        assert all(torch.equal(final[k], reference[k]) for k in reference), f"{name}: parameters differ"
+
+    for path in (newest, previous):  # nothing usable left: the error names every damaged file
+        (path / "optimizers.pt").write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpointError, match=r"no usable checkpoint.*step-00000004.*optimizers\.pt.*"
+                       r"step-00000002.*optimizers\.pt"):  # fmt: skip
+        _train(config, data, out, resume=True)
+    with pytest.raises(CorruptCheckpointError, match=r"step-00000002/optimizers\.pt has 7 bytes"):
+        _train(config, data, out, resume=str(previous))

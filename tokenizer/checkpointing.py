@@ -18,19 +18,23 @@ previous checkpoints or the new one complete, never a half-written `step-*`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .hub import atomic_directory
@@ -41,11 +45,25 @@ DISCRIMINATOR_FILE = "discriminator.safetensors"
 OPTIMIZERS_FILE = "optimizers.pt"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Test hook, for timing only: "STEP:SECONDS" sleeps halfway through writing checkpoint STEP, so a test can
 # kill the process at exactly that point. Unset in normal use.
 SLOW_WRITE_ENV = "DOVE_TEST_SLOW_CHECKPOINT_WRITE"
+
+
+class ExistingRunError(ValueError):
+    """A fresh run was pointed at a folder where an earlier run left its checkpoints or results."""
+
+
+def existing_run_error(output_dir: str | os.PathLike, found: Sequence[Path]) -> ExistingRunError:
+    """The refusal both training commands give: continuing and discarding must be asked for, never implied."""
+    shown = ", ".join(str(p) for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return ExistingRunError(
+        f"{output_dir} already holds a training run ({shown}); use --resume to continue it, or --overwrite to "
+        "discard it (resume=True / overwrite=True from Python)"
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -175,7 +193,9 @@ class CheckpointManager:
             payload = dict(state)
             payload["step"] = int(step)
             payload["rng"] = [rng.json_part() for rng in rng_states]
-            # Written last: a directory with trainer_state.json is a complete checkpoint (`list` relies on it).
+            payload["files"] = file_digests(staging)
+            # Written last: a directory with trainer_state.json is a complete checkpoint (`list` relies on it),
+            # and its "files" let `verify` catch any file damaged after the fact.
             (staging / STATE_FILE).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         self.prune()
         return target
@@ -185,16 +205,54 @@ class CheckpointManager:
         for _, path in found[: max(0, len(found) - self.keep)]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def load_latest(self) -> TrainingCheckpoint | None:
+        """The newest checkpoint that verifies and loads; each one skipped is named in a warning. None when
+        there is none at all; `CorruptCheckpointError` naming every damaged file when none is usable."""
+        problems = []
+        for _, path in reversed(self.list()):
+            try:
+                return self.load(path)
+            except CorruptCheckpointError as err:
+                logger.warning("skipping checkpoint %s: %s; trying the one before it", path, err)
+                problems.append(f"{path.name}: {err}")
+        if problems:
+            raise CorruptCheckpointError(
+                f"no usable checkpoint under {self.root}: " + "; ".join(problems) + ". Delete the damaged "
+                "checkpoints and resume from an earlier one (--resume DIR), or start afresh with --overwrite"
+            )
+        return None
+
     @staticmethod
     def load(path: str | os.PathLike) -> TrainingCheckpoint:
+        """Read a checkpoint after `verify`; any damage is a `CorruptCheckpointError` naming the file."""
+        path = Path(path)
+        state = CheckpointManager.verify(path)
+        try:
+            return CheckpointManager._read(path, state)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+            # Checkpoints written before sizes and checksums were recorded reach here when damaged.
+            raise CorruptCheckpointError(f"{path} could not be read ({type(err).__name__}: {err})") from err
+
+    @staticmethod
+    def verify(path: str | os.PathLike) -> dict[str, Any]:
+        """The parsed state file, once every file it records has its recorded size and SHA-256."""
         path = Path(path)
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
         try:
             state = json.loads(state_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{state_file} is not valid JSON: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(f"{state_file} is not valid JSON: {err}") from err
+        if not isinstance(state, dict) or not {"step", "rng"} <= state.keys():
+            raise CorruptCheckpointError(f"{state_file} lacks the step and RNG records of a checkpoint")
+        check_file_digests(path, state.get("files") or {})
+        return state
+
+    @staticmethod
+    def _read(path: Path, state: dict[str, Any]) -> TrainingCheckpoint:
+        state = dict(state)
+        state.pop("files", None)
         tensors = load_file(str(path / RNG_FILE))
         rng = [RNGState.from_parts(part, tensors, f"rank{rank}") for rank, part in enumerate(state.pop("rng"))]
         disc_file = path / DISCRIMINATOR_FILE
@@ -207,6 +265,42 @@ class CheckpointManager:
             rng=rng,
             state=state,
         )
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or altered since it was written."""
+
+
+def file_digests(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under `directory`, by relative path."""
+    directory = Path(directory)
+    return {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def check_file_digests(directory: str | os.PathLike, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise `CorruptCheckpointError` naming the first file that is missing or differs from `file_digests`."""
+    directory = Path(directory)
+    for rel, expected in recorded.items():
+        file = directory / rel
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CorruptCheckpointError(f"{file} has {size} bytes, {expected['size']} were written")
+        if _sha256(file) != expected["sha256"]:
+            raise CorruptCheckpointError(f"{file} does not have the checksum it was written with")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, GPTNeoXModel, PreTrainedTokenizerBase
 
 from .config import CONFIG_NAME, DoveConfig
 from .decoder import TokenDecoder
 from .generator import TokenGenerator
-from .hub import atomic_directory, resolve_pretrained_dir
+from .hub import atomic_directory, load_safetensors, resolve_pretrained_dir
 from .image_processing import DoveImageProcessor, ImageInput
 from .length import lengths_from_eos, mask_from_lengths, resolve_budget
 from .presets import preset_config
@@ -185,7 +185,7 @@ class DoveTokenizer(nn.Module):
             path = path / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no weights file at {path}")
-        state = load_file(str(path))
+        state = load_safetensors(path)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -25,10 +25,12 @@ optimisers, schedules, discriminator, the length-control history, every RNG and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -43,9 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint
+from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint, existing_run_error
 from .data import build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
+from .hub import remove_saved_files
 from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
 from .losses import ReconstructionLoss, drop_queries, relevance_weights
@@ -222,6 +225,7 @@ class TokenizerTrainer:
         resume: bool | str | os.PathLike = False,
         dataset_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -246,6 +250,8 @@ class TokenizerTrainer:
         self.progress = progress and accelerator.is_local_main_process
         set_seed(config.seed)  # the same initial weights on every process
 
+        self.checkpoints = CheckpointManager(self.output_dir, keep=max(1, config.keep_checkpoints))
+        self._claim_output(resume, overwrite)
         tokenizer = build_tokenizer(setup.model)
         tokenizer.set_gradient_checkpointing(config.gradient_checkpointing)
         self.tokenizer = tokenizer
@@ -293,7 +299,6 @@ class TokenizerTrainer:
         )
         # The loop's own randomness (query dropping, training lengths): one generator per process.
         self.rng = torch.Generator().manual_seed(config.seed * 1_000_003 + accelerator.process_index)
-        self.checkpoints = CheckpointManager(self.output_dir, keep=max(1, config.keep_checkpoints))
         self.step = 0
         self.skipped_images = 0
         self.images_seen = 0
@@ -333,19 +338,55 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ resume
 
+    def _claim_output(self, resume: bool | str | os.PathLike, overwrite: bool) -> None:
+        """Refuse a fresh run where an earlier one left results: its checkpoints would outrank the new ones
+        (pruning sorts by step), `final/` and the metrics would mix both runs, and `--resume` would continue
+        the old one. `overwrite` deletes what a run writes and nothing else."""
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in OUTPUT and --overwrite discards it: pass one of them")
+        if resume:
+            return
+        found = self._earlier_run_files()
+        if not found:
+            return
+        if not overwrite:
+            raise existing_run_error(self.output_dir, found)
+        if self.accelerator.is_main_process:
+            logger.warning("--overwrite: discarding the earlier run in %s", self.output_dir)
+            for path in found:
+                if path.name == FINAL_DIR:
+                    remove_saved_files(path)
+                elif path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            for folder in (self.checkpoints.root, self.output_dir / SAMPLES_DIR):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        self.accelerator.wait_for_everyone()
+
+    def _earlier_run_files(self) -> list[Path]:
+        """What a run writes in OUTPUT: checkpoints (staging ones too), final/, the metrics and the grids."""
+        found = []
+        if self.checkpoints.root.is_dir():
+            found += sorted(p for p in self.checkpoints.root.iterdir() if p.name.lstrip(".").startswith("step-"))
+        found += [p for p in (self.output_dir / FINAL_DIR, self.output_dir / LOGS_DIR / METRICS_FILE) if p.exists()]
+        found += sorted((self.output_dir / SAMPLES_DIR).glob("step-*.png"))
+        return found
+
     def _find_checkpoint(self, resume: bool | str | os.PathLike) -> TrainingCheckpoint | None:
         if not resume:
             return None
         if resume is True or str(resume) == "latest":
-            path = self.checkpoints.latest()
-            if path is None:
+            # The newest checkpoint that verifies: a damaged one is skipped with a warning naming it.
+            checkpoint = self.checkpoints.load_latest()
+            if checkpoint is None:
                 if self.accelerator.is_main_process:
                     logger.warning("--resume: no checkpoint under %s yet; starting from step 0", self.checkpoints.root)
                 return None
         else:
-            path = Path(resume)
-        checkpoint = CheckpointManager.load(path)
-        self.resumed_from = path
+            checkpoint = CheckpointManager.load(resume)
+        self.resumed_from = checkpoint.path
         return checkpoint
 
     def _restore(self, checkpoint: TrainingCheckpoint) -> None:
@@ -714,10 +755,13 @@ def train_tokenizer(
     resume: bool | str | os.PathLike = False,
     dataset_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainingSummary:
-    """Train (or resume) a tokenizer; the result is exported to `output_dir/final` with `save_pretrained`."""
+    """Train (or resume) a tokenizer; the result is exported to `output_dir/final` with `save_pretrained`.
+
+    A fresh run refuses an `output_dir` holding an earlier run unless `overwrite` (which discards it)."""
     trainer = TokenizerTrainer(
         setup, data, output_dir, annotations=annotations, strict=strict, resume=resume,
-        dataset_kwargs=dataset_kwargs, progress=progress,
+        dataset_kwargs=dataset_kwargs, progress=progress, overwrite=overwrite,
     )  # fmt: skip
     return trainer.train()

@@ -100,6 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint-<step> in --output (if there is one)"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the earlier run's checkpoint-<step> dirs, model and log in --output and start afresh",
+    )
     train.add_argument("--logging-steps", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")

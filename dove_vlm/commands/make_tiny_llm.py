@@ -75,9 +75,12 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
         max_positions=args.max_positions,
     )  # fmt: skip
+    from tokenizer.hub import atomic_directory
+
     output = Path(args.output)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with atomic_directory(output) as staging:  # replaces only these files; a kill leaves the old ones
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     parameters = sum(p.numel() for p in model.parameters())
     print(
         f"tiny {args.arch} LLM: {parameters / 1e6:.2f} M parameters, hidden {args.hidden}, {args.layers} layers, "

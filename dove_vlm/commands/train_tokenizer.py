@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from the latest checkpoint in OUTPUT (or from the checkpoint dir given)",
     )  # fmt: skip
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="discard the earlier run in OUTPUT (its checkpoints, final/, metrics and grids) and start afresh",
+    )  # fmt: skip
+    parser.add_argument(
         "--strict", action="store_true", help="stop at the first unreadable image instead of skipping it"
     )
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume or False,
         dataset_kwargs=dataset_kwargs,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     from accelerate import PartialState
 

@@ -1,0 +1,82 @@
+"""`finetune --output` reused: a fresh run refuses an earlier run's checkpoints, `overwrite` discards only what
+that run wrote, and a resume skips a damaged newest checkpoint for the one before it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from llava_workspace import build_workspace
+from safetensors.torch import load_file
+
+from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
+from tokenizer.checkpointing import CorruptCheckpointError, ExistingRunError
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = build_workspace(tmp_path_factory.mktemp("runs"), n_images=4)
+    subset = ws.root / "train8.json"
+    subset.write_text(json.dumps(ws.records()[:8]))
+    ws.subset = subset
+    return ws
+
+
+def stage1(workspace, output: Path, **overrides) -> FinetuneArguments:
+    values = {
+        "stage": 1, "data": str(workspace.subset), "image_folder": str(workspace.images), "output_dir": str(output),
+        "llm": str(workspace.llm_dir), "tower": str(workspace.tower_dir), "per_device_train_batch_size": 2,
+        "max_steps": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+        "group_by_visual_length": False, "save_steps": 2, "save_total_limit": 2,
+    }  # fmt: skip
+    values.update(overrides)
+    return FinetuneArguments(**values)
+
+
+def projector(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "mm_projector.safetensors"))
+
+
+def test_fresh_finetune_refuses_an_earlier_run_and_overwrite_discards_only_that_run(workspace, tmp_path):
+    out = tmp_path / "run"
+    finetune(stage1(workspace, out))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4" / CHECKPOINT_RECORD).is_file()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExistingRunError, match="checkpoint-2.*use --resume to continue it, or --overwrite"):
+        finetune(stage1(workspace, out, max_steps=2, seed=7))
+    with pytest.raises(ValueError, match="pass one of them"):
+        finetune(stage1(workspace, out, resume=True, overwrite=True))
+    with pytest.raises(ValueError, match="is the model --overwrite would delete"):
+        finetune(stage1(workspace, out, llm=None, tower=None, model=str(out), overwrite=True))
+    finetune(stage1(workspace, out, max_steps=2, seed=7, save_steps=None, overwrite=True))
+    assert not list(out.glob("checkpoint-*"))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "finetune_log.json").read_text())["arguments"]["seed"] == 7
+
+
+def test_finetune_resume_skips_a_damaged_newest_checkpoint(workspace, tmp_path, caplog):
+    out = tmp_path / "run"
+    finetune(stage1(workspace, out))
+    reference = projector(out)
+    newest, previous = out / "checkpoint-4", out / "checkpoint-2"
+    victim = newest / "optimizer.pt"
+    with open(victim, "r+b") as handle:
+        handle.truncate(victim.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="llava_adapter.train"):
+        finetune(stage1(workspace, out, resume=True))
+    assert f"skipping checkpoint {newest}" in caplog.text and "optimizer.pt" in caplog.text
+    final = projector(out)
+    assert all(torch.allclose(final[k], reference[k], rtol=0, atol=1e-6) for k in reference)  # the same run
+
+    # A checkpoint without its record (killed right after the Trainer wrote it) is checked by opening its files.
+    for path in (newest, previous):
+        (path / CHECKPOINT_RECORD).unlink()
+        (path / "scheduler.pt").write_bytes(b"not a zip archive")
+    with pytest.raises(
+        CorruptCheckpointError, match=r"no usable checkpoint.*checkpoint-4.*scheduler\.pt.*checkpoint-2"
+    ):
+        finetune(stage1(workspace, out, resume=True))
