@@ -97,6 +97,7 @@ class FinetuneArguments:
     report_to: list[str] = field(default_factory=list)
     save_llm: bool | None = None
     resume: bool = False
+    strict: bool = False  # an unreadable image stops the run (before the first step) instead of being skipped
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -375,6 +376,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         template=template,
         use_query=model.config.use_query,
     )
+    dataset.drop_unreadable_images(strict=args.strict, num_workers=args.dataloader_num_workers)
     training_args = build_training_arguments(args)
 
     lengths = None

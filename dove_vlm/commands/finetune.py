@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--visual-length-cache", help="cache dir (default: $DOVE_VLM_CACHE or ~/.cache/dove-vlm)")
     data.add_argument("--num-workers", type=int, default=0, dest="dataloader_num_workers")
+    data.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop (before the first step) at an unreadable image instead of skipping its sample",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output", "--output-dir", dest="output_dir", required=True)
