@@ -128,3 +128,41 @@ def test_checkpoint_of_another_preset_names_the_mismatched_keys(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         DoveTokenizer.from_pretrained(tmp_path / "does-not-exist")
+
+
+def _png_bomb(path, side=14000):
+    """A 1-bit PNG of side x side zero pixels: tens of KB on disk, far past PIL's pixel limit."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_with_its_name_everywhere(tiny_tokenizer, tmp_path, capsys):
+    import importlib.util
+
+    from dove_vlm.cli import main
+    from tokenizer.image_processing import load_image
+
+    bomb = _png_bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageLoadError, match="bomb.png.*decompression bomb"):
+        tiny_tokenizer.encode([bomb])
+    with pytest.raises(ImageLoadError, match="cell 7.*decompression bomb"):
+        load_image(bomb.read_bytes(), "cell 7")
+    assert main(["reconstruct", str(bomb), "--checkpoint", "dove-tiny", "--out", str(tmp_path / "grid.png")]) == 2
+    assert "bomb.png" in capsys.readouterr().err
+    # The evaluation task decodes embedded bytes through the same decoder.
+    spec = importlib.util.spec_from_file_location("shapes_task_utils", "eval/tasks/dove_shapes_vqa/utils.py")
+    task_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_utils)
+    with pytest.raises(ImageLoadError, match="question 3.*decompression bomb"):
+        task_utils.doc_to_visual({"question_id": 3, "image": {"bytes": bomb.read_bytes(), "path": None}})

@@ -17,7 +17,6 @@ training loop never sees. With `strict=True` the first bad image raises `ImageLo
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .annotations import (
@@ -77,29 +76,6 @@ def _skip(index: int, source: str, error: Exception) -> SkippedExample:
         _warned_sources.add(source)
         logger.warning("skipping unreadable image %s: %s", source, error)
     return SkippedExample(index=index, source=source, reason=str(error))
-
-
-def decode_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes (an HF dataset cell) with `load_image`'s rules; errors name `name`."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except UnidentifiedImageError as err:
-        raise ImageLoadError(f"not an image (unrecognised format): {name}") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"could not decode image {name} (truncated or corrupt?): {err}") from err
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _load_path(path: str | os.PathLike) -> Image.Image:
-    try:
-        return load_image(path)
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"could not decode image {path}: {err}") from err
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -157,7 +133,7 @@ class ImageFolderDataset(_ExampleDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         path = self.paths[index]
         try:
-            image = _load_path(path)
+            image = load_image(path)
         except ImageLoadError as err:
             if self.strict:
                 raise
@@ -218,7 +194,7 @@ class QueryAnnotationDataset(_ExampleDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         record, path = self.records[index], self.paths[index]
         try:
-            image = _load_path(path)
+            image = load_image(path)
         except ImageLoadError as err:
             if self.strict:
                 raise
@@ -352,13 +328,13 @@ class HFImageDataset(_ExampleDataset):
             if path:
                 source = f"{source} ({path})"
             if cell.get("bytes"):
-                return decode_image_bytes(cell["bytes"], source), source
+                return load_image(cell["bytes"], source), source
             if path:
-                return _load_path(path), source
+                return load_image(path), source
         if isinstance(cell, (str, os.PathLike)):
-            return _load_path(cell), f"{source} ({cell})"
+            return load_image(cell), f"{source} ({cell})"
         if isinstance(cell, (bytes, bytearray)):
-            return decode_image_bytes(bytes(cell), source), source
+            return load_image(bytes(cell), source), source
         raise ImageLoadError(f"{source}: the image cell holds no image (got {type(cell).__name__})")
 
 
