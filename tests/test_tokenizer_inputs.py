@@ -166,3 +166,53 @@ def test_a_decompression_bomb_is_refused_with_its_name_everywhere(tiny_tokenizer
     spec.loader.exec_module(task_utils)
     with pytest.raises(ImageLoadError, match="question 3.*decompression bomb"):
         task_utils.doc_to_visual({"question_id": 3, "image": {"bytes": bomb.read_bytes(), "path": None}})
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 64, 64), (1, 3, 0, 64)])
+def test_an_empty_tensor_is_refused_naming_the_argument(tiny_tokenizer, shape):
+    with pytest.raises(ValueError, match=r"images is empty: shape \(" + ", ".join(map(str, shape))):
+        tiny_tokenizer.encode(torch.rand(*shape))
+
+
+def test_a_damaged_config_or_text_tokenizer_names_the_file_and_the_field(tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from dove_vlm.cli import main
+
+    saved = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+
+    (saved / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(TypeError, match=r"config\.json: must be a JSON object.*got a list"):
+        DoveTokenizer.from_pretrained(saved)
+    (saved / "config.json").write_text(json.dumps({**config, "max_tokens": "32"}))
+    with pytest.raises(ValueError, match=r"config\.json: field 'max_tokens' must be an integer, got '32'"):
+        DoveTokenizer.from_pretrained(saved)
+    assert main(["info", str(saved)]) == 2
+    assert "'max_tokens'" in capsys.readouterr().err
+
+    (saved / "config.json").write_text(json.dumps(config))
+    text_file = saved / "text_tokenizer" / "tokenizer.json"
+    text_file.write_text(text_file.read_text()[:100])
+    with pytest.raises(ValueError, match=r"text_tokenizer/tokenizer\.json is not valid JSON \(line"):
+        DoveTokenizer.from_pretrained(saved)
+
+
+def test_output_arguments_of_the_wrong_kind_are_named(tmp_path, capsys):
+    from dove_vlm.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:  # --out must be a file: a folder is refused up front
+        main(["reconstruct", "tests/assets/scene.png", "--checkpoint", "dove-tiny", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"argument --out: {tmp_path} is a directory" in capsys.readouterr().err
+    for command in (["train-tokenizer", "--preset", "dove-tiny", "--data", str(tmp_path), "--output"],
+                    ["make-shapes", "--n", "2", "--out"]):  # fmt: skip
+        for target in (a_file, a_file / "sub"):
+            with pytest.raises(SystemExit):
+                main([*command, str(target)])
+            err = capsys.readouterr().err
+            assert f"argument {command[-1]}: {a_file} is a file" in err
+    assert a_file.read_text() == "keep me"

@@ -153,6 +153,10 @@ class DoveImageProcessor:
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 4 or tensor.shape[1] != 3:
             raise ValueError(f"{argument} must have shape [B, 3, H, W] (or [3, H, W]); got {tuple(tensor.shape)}")
+        if tensor.numel() == 0:
+            raise ValueError(
+                f"{argument} is empty: shape {tuple(tensor.shape)} (at least one image of at least 1x1 pixels)"
+            )
         if not tensor.is_floating_point():
             raise TypeError(f"{argument} must be a floating-point tensor in [0, 1]; got dtype {tensor.dtype}")
         tensor = tensor.detach().float()

@@ -26,7 +26,7 @@ from .hub import atomic_directory, resolve_pretrained_dir
 from .image_processing import DoveImageProcessor, ImageInput
 from .length import lengths_from_eos, mask_from_lengths, resolve_budget
 from .presets import preset_config
-from .text import byte_level_text_tokenizer, prepare_query_tokenizer
+from .text import byte_level_text_tokenizer, load_text_tokenizer, prepare_query_tokenizer
 from .vq import VQBackbone
 
 WEIGHTS_NAME = "model.safetensors"
@@ -159,7 +159,7 @@ class DoveTokenizer(nn.Module):
         directory = resolve_pretrained_dir(path_or_id, revision=revision)
         config = preset_config(preset) if preset else DoveConfig.load(directory)
         text_dir = directory / TEXT_TOKENIZER_DIR
-        text_tokenizer = AutoTokenizer.from_pretrained(text_dir) if text_dir.is_dir() else None
+        text_tokenizer = load_text_tokenizer(text_dir) if text_dir.is_dir() else None
         model = cls(config, text_tokenizer=text_tokenizer)
         model.load_weights(directory / WEIGHTS_NAME)
         return model

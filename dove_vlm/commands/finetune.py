@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import output_dir
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -65,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output", "--output-dir", dest="output_dir", required=True)
+    train.add_argument("--output", "--output-dir", dest="output_dir", type=output_dir, required=True)
     train.add_argument(
         "--lora",
         action=argparse.BooleanOptionalAction,

@@ -9,6 +9,8 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ._args import output_dir
+
 PRESET_PACKAGE = "dove_vlm.presets"
 
 
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--config", help="training YAML with `model:` and `train:` sections")
     parser.add_argument("--data", required=True, help="image folder, save_to_disk dataset, .parquet, or hf://NAME")
     parser.add_argument("--annotations", help="Q-DOVE annotation JSON (image_id, question, answer, bounding_box)")
-    parser.add_argument("--output", required=True, help="run directory")
+    parser.add_argument("--output", type=output_dir, required=True, help="run directory")
     parser.add_argument(
         "--resume", nargs="?", const="latest", default=None,
         help="continue from the latest checkpoint in OUTPUT (or from the checkpoint dir given)",
