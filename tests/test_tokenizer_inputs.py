@@ -216,3 +216,31 @@ def test_output_arguments_of_the_wrong_kind_are_named(tmp_path, capsys):
             err = capsys.readouterr().err
             assert f"argument {command[-1]}: {a_file} is a file" in err
     assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("budget", "error", "message"),
+    [
+        ([None], TypeError, r"budget\[0\] must be an integer number of tokens, got None"),
+        (["abc"], TypeError, r"budget\[0\] must be an integer number of tokens, got 'abc'"),
+        ([float("nan")], TypeError, r"budget\[0\] must be an integer number of tokens, got nan"),
+        ([4.5], TypeError, r"budget\[0\] must be an integer number of tokens, got 4.5"),
+        (0, ValueError, r"budget=0 is outside \[1, max_tokens=32\]"),
+        ("8", TypeError, r"budget must be an int, a list of ints or None; got str '8'"),
+    ],
+)
+def test_a_bad_budget_is_named(tiny_tokenizer, budget, error, message):
+    with pytest.raises(error, match=message):
+        tiny_tokenizer.encode(torch.rand(1, 3, 64, 64), budget=budget)
+
+
+def test_numpy_integers_are_budgets_and_decode_names_lengths(tiny_tokenizer):
+    pixels = torch.rand(2, 3, 64, 64)
+    assert tiny_tokenizer.encode(pixels, budget=np.int64(4)).lengths.tolist() == [4, 4]
+    assert tiny_tokenizer.encode(pixels, budget=[np.int32(3), 5]).lengths.tolist() == [3, 5]
+    assert tiny_tokenizer.encode(pixels, budget=np.array([2, 6])).lengths.tolist() == [2, 6]
+    tokens = tiny_tokenizer.encode(pixels, budget=8).tokens
+    with pytest.raises(ValueError, match=r"^lengths=0 is outside"):
+        tiny_tokenizer.decode(tokens, lengths=0)
+    with pytest.raises(ValueError, match=r"^lengths\[1\]=0 is outside"):
+        tiny_tokenizer.decode(tokens, lengths=[3, 0])

@@ -303,7 +303,7 @@ class DoveTokenizer(nn.Module):
             raise ValueError(f"tokens has {width} positions but the model decodes at most {self.max_tokens}")
         if isinstance(lengths, torch.Tensor) and lengths.ndim == 1:
             lengths = lengths.tolist()
-        forced = resolve_budget(lengths, batch, width)
+        forced = resolve_budget(lengths, batch, width, name="lengths")
         mask = mask_from_lengths(forced.to(tokens.device), width)
         latents = self.decode_latents(tokens.to(self.device), mask.to(self.device))
         return self.vq.decode(latents).clamp(0, 1)
