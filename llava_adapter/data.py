@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tokenizer import DoveImageProcessor, ImageLoadError, load_image
+from tokenizer.annotations import escapes_root
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .conversation import (
@@ -91,8 +92,13 @@ def read_llava_json(path: str | os.PathLike) -> list[Any]:
     return records
 
 
-def validate_record(raw: Any, index: int, image_folder: Path | None, source: Path) -> LlavaRecord:
-    """Check one raw record and resolve its image path; errors name the file and the sample id."""
+def validate_record(
+    raw: Any, index: int, image_folder: Path | None, source: Path, allow_outside_root: bool = False
+) -> LlavaRecord:
+    """Check one raw record and resolve its image path; errors name the file and the sample id.
+
+    An `image` that is absolute or climbs out of `image_folder` with `..` is refused unless
+    `allow_outside_root`."""
     if not isinstance(raw, Mapping):
         raise LlavaDataError(f"{source}: record {index} is not an object (got {type(raw).__name__})")
     sample_id = str(raw.get("id", f"#{index}"))
@@ -121,6 +127,12 @@ def validate_record(raw: Any, index: int, image_folder: Path | None, source: Pat
         raise LlavaDataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders but only one image")
     if image_folder is None:
         raise LlavaDataError(f"{where} has an image but no image folder was given")
+    if not allow_outside_root and escapes_root(image_name):
+        raise LlavaDataError(
+            f"{source}: record {index} (sample {sample_id!r}): image {image_name!r} points outside the image folder "
+            f"{image_folder} (an absolute path or one climbing with '..'); pass allow_outside_root=True "
+            f"(--allow-paths-outside-root) to allow it"
+        )
     image_path = image_folder / image_name
     if not image_path.is_file():
         raise LlavaDataError(f"{where}: image file not found: {image_path}")
@@ -144,6 +156,7 @@ class LlavaConversationDataset(Dataset):
         image_folder: str | os.PathLike | None = None,
         template: str = "auto",
         use_query: bool = True,
+        allow_outside_root: bool = False,
     ) -> None:
         self.data_path = Path(data_path)
         self.image_folder = Path(image_folder) if image_folder is not None else None
@@ -156,7 +169,10 @@ class LlavaConversationDataset(Dataset):
         raw_records = read_llava_json(self.data_path)
         if not isinstance(raw_records, list) or not raw_records:
             raise LlavaDataError(f"{self.data_path}: expected a non-empty JSON list of records")
-        self.records = [validate_record(raw, i, self.image_folder, self.data_path) for i, raw in enumerate(raw_records)]
+        self.records = [
+            validate_record(raw, i, self.image_folder, self.data_path, allow_outside_root)
+            for i, raw in enumerate(raw_records)
+        ]
         seen: dict[str, int] = {}
         for record in self.records:
             if record.sample_id in seen:

@@ -32,6 +32,7 @@ from .annotations import (
     AnnotationError,
     QueryRecord,
     check_boxes_inside,
+    escapes_root,
     load_annotations,
     parse_boxes,
     relevance_mask,
@@ -156,6 +157,7 @@ class QueryAnnotationDataset(_ExampleDataset):
         image_size: int,
         strict: bool = False,
         box_tolerance: float = 2.0,
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__(image_size, strict)
         self.annotations_path = Path(annotations_path)
@@ -165,7 +167,7 @@ class QueryAnnotationDataset(_ExampleDataset):
                 f"image folder for annotations {self.annotations_path} not found: {self.image_root}"
             )
         self.records: list[QueryRecord] = load_annotations(self.annotations_path)
-        resolver = _ImageResolver(self.image_root)
+        resolver = _ImageResolver(self.image_root, allow_outside_root)
         self.paths: list[Path] = []
         sizes: dict[Path, tuple[int, int] | None] = {}
         for index, record in enumerate(self.records):
@@ -205,8 +207,9 @@ class QueryAnnotationDataset(_ExampleDataset):
 class _ImageResolver:
     """Maps an annotation's `image_id` to a file: the id as a relative path, else the id plus an image extension."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, allow_outside_root: bool = False) -> None:
         self.root = root
+        self.allow_outside_root = allow_outside_root
         self.by_name: dict[str, Path] = {}
         self.by_stem: dict[str, list[Path]] = {}
         for path in list_images(root):
@@ -215,6 +218,11 @@ class _ImageResolver:
             self.by_stem.setdefault(relative[: -len(path.suffix)], []).append(path)
 
     def resolve(self, image_id: str, where: str) -> Path:
+        if not self.allow_outside_root and escapes_root(image_id):
+            raise AnnotationError(
+                f"{where}: image id {image_id!r} points outside the image folder {self.root} (an absolute path or "
+                f"one climbing with '..'); pass allow_outside_root=True (--allow-paths-outside-root) to allow it"
+            )
         key = image_id.replace("\\", "/")
         while key.startswith("./"):
             key = key[2:]
@@ -372,13 +380,15 @@ def build_dataset(
     hf_config: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     box_tolerance: float = 2.0,
+    allow_outside_root: bool = False,
 ) -> Dataset:
     """Pick the dataset class for a `--data` argument (and optional `--annotations`).
 
     - `hf://NAME`: a Hugging Face hub dataset.
     - a folder holding `dataset_info.json` / `state.json` / `dataset_dict.json`: a `save_to_disk` dataset.
     - a `.parquet` file: a Hugging Face parquet dataset.
-    - any other folder: an image folder; with `annotations`, the image root of the Q-DOVE records.
+    - any other folder: an image folder; with `annotations`, the image root of the Q-DOVE records
+      (a record whose `image_id` leaves that folder is refused unless `allow_outside_root`).
     """
     text = str(data)
     hf_kwargs = {
@@ -411,7 +421,14 @@ def build_dataset(
     if annotations is not None:
         if is_hf or not path.is_dir():
             raise ValueError(f"annotations {annotations} need an image folder as data; {path} is not one")
-        return QueryAnnotationDataset(annotations, path, image_size, strict=strict, box_tolerance=box_tolerance)
+        return QueryAnnotationDataset(
+            annotations,
+            path,
+            image_size,
+            strict=strict,
+            box_tolerance=box_tolerance,
+            allow_outside_root=allow_outside_root,
+        )
     if is_hf:
         return HFImageDataset(path, **hf_kwargs)
     if path.is_dir():

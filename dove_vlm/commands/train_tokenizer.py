@@ -65,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset")
     parser.add_argument("--question-column", help="question column of a Hugging Face dataset (Q-DOVE)")
     parser.add_argument("--boxes-column", help="boxes column ([[x, y, w, h], ...]) of a Hugging Face dataset (Q-DOVE)")
+    parser.add_argument(
+        "--allow-paths-outside-root",
+        action="store_true",
+        help="let annotation image ids be absolute or climb out of --data with '..' (refused by default)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
 
@@ -97,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "image_column": args.image_column,
         "question_column": args.question_column,
         "boxes_column": args.boxes_column,
+        "allow_outside_root": args.allow_paths_outside_root,
     }
     summary = train_tokenizer(
         setup,
