@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenizer import DoveImageProcessor, ImageLoadError, load_image
 from tokenizer.annotations import escapes_root
+from tokenizer.data import SKIPPED_WARN_SHARE
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .conversation import (
@@ -46,9 +47,6 @@ from .conversation import (
 )
 
 logger = logging.getLogger(__name__)
-
-# A few corrupt files are normal in web data; past this share the data (or its decoding) is probably wrong.
-SKIPPED_WARN_SHARE = 0.1
 
 
 class LlavaDataError(ValueError):

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HUB_PREFIX = "hf://"
+# A few corrupt files are normal in web data; past this share of unreadable images (training warns, in
+# tokenizer and LLaVA training alike) the data or its decoding is probably wrong.
+SKIPPED_WARN_SHARE = 0.1
 
 __all__ = [
     "AnnotationError",

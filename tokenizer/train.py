@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint
-from .data import build_dataset, collate_examples
+from .data import SKIPPED_WARN_SHARE, build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
 from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
@@ -62,8 +62,6 @@ METRICS_FILE = "metrics.jsonl"
 # Test hook: a directory where each process writes its final parameters (rank{r}.safetensors), so a test can
 # check that DDP processes ended with identical weights. Unset in normal use.
 DUMP_PARAMS_ENV = "DOVE_TEST_DUMP_PARAMS"
-# A few corrupt files are normal in web data; past this share the data (or its decoding) is probably wrong.
-SKIPPED_WARN_SHARE = 0.1
 
 
 def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
