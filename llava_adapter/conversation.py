@@ -131,6 +131,22 @@ def tower_query(text: str) -> str:
     return text
 
 
+def require_question(text: str, where: str = "question") -> str:
+    """The question of a prompt (`tower_query`), refusing one with nothing left to ask.
+
+    The one rule for chat, `answer_questions` and the lmms-eval model: a prompt that is empty, blank,
+    or only `<image>` placeholders and answer-format instructions asks nothing, so the model would
+    answer at random; it is an error (a `ValueError` naming `where`) rather than an answer.
+    """
+    question = tower_query(str(text))
+    if not question:
+        raise ValueError(
+            f"{where}: empty question {text!r} (nothing left after removing whitespace, {IMAGE_TOKEN} placeholders "
+            f"and answer-format instructions)"
+        )
+    return question
+
+
 def strip_image_tokens(text: str) -> str:
     return " ".join(text.replace(IMAGE_TOKEN, " ").split())
 

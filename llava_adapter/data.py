@@ -8,7 +8,9 @@ The file is LLaVA's: a JSON list (or JSON Lines) of records
 A record without `"image"` is a text-only sample. Every record is checked when the dataset is built
 (turn structure, `<image>` placeholders against images, the image file's existence), so a bad record
 stops the run before the first step, with its id in the message, instead of crashing some rank hours
-in. Tokenization and image decoding stay lazy, per item.
+in. `drop_unreadable_images` decodes every image once before training, so an undecodable file is
+skipped and counted (or, strict, stops the run) up front rather than ending the run when its batch is
+drawn. Tokenization and per-step image decoding stay lazy, per item.
 
 The Q-DOVE query of an image sample is its first human turn as `conversation.tower_query` reduces it
 (placeholder and answer-format instructions removed), the same rule evaluation uses: the question,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tokenizer import DoveImageProcessor, ImageLoadError, load_image
+from tokenizer.annotations import escapes_root
+from tokenizer.data import SKIPPED_WARN_SHARE
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .conversation import (
@@ -40,6 +45,8 @@ from .conversation import (
     tokenize_conversation,
     tower_query,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class LlavaDataError(ValueError):
@@ -83,8 +90,13 @@ def read_llava_json(path: str | os.PathLike) -> list[Any]:
     return records
 
 
-def validate_record(raw: Any, index: int, image_folder: Path | None, source: Path) -> LlavaRecord:
-    """Check one raw record and resolve its image path; errors name the file and the sample id."""
+def validate_record(
+    raw: Any, index: int, image_folder: Path | None, source: Path, allow_outside_root: bool = False
+) -> LlavaRecord:
+    """Check one raw record and resolve its image path; errors name the file and the sample id.
+
+    An `image` that is absolute or climbs out of `image_folder` with `..` is refused unless
+    `allow_outside_root`."""
     if not isinstance(raw, Mapping):
         raise LlavaDataError(f"{source}: record {index} is not an object (got {type(raw).__name__})")
     sample_id = str(raw.get("id", f"#{index}"))
@@ -113,6 +125,12 @@ def validate_record(raw: Any, index: int, image_folder: Path | None, source: Pat
         raise LlavaDataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders but only one image")
     if image_folder is None:
         raise LlavaDataError(f"{where} has an image but no image folder was given")
+    if not allow_outside_root and escapes_root(image_name):
+        raise LlavaDataError(
+            f"{source}: record {index} (sample {sample_id!r}): image {image_name!r} points outside the image folder "
+            f"{image_folder} (an absolute path or one climbing with '..'); pass allow_outside_root=True "
+            f"(--allow-paths-outside-root) to allow it"
+        )
     image_path = image_folder / image_name
     if not image_path.is_file():
         raise LlavaDataError(f"{where}: image file not found: {image_path}")
@@ -136,6 +154,7 @@ class LlavaConversationDataset(Dataset):
         image_folder: str | os.PathLike | None = None,
         template: str = "auto",
         use_query: bool = True,
+        allow_outside_root: bool = False,
     ) -> None:
         self.data_path = Path(data_path)
         self.image_folder = Path(image_folder) if image_folder is not None else None
@@ -148,7 +167,10 @@ class LlavaConversationDataset(Dataset):
         raw_records = read_llava_json(self.data_path)
         if not isinstance(raw_records, list) or not raw_records:
             raise LlavaDataError(f"{self.data_path}: expected a non-empty JSON list of records")
-        self.records = [validate_record(raw, i, self.image_folder, self.data_path) for i, raw in enumerate(raw_records)]
+        self.records = [
+            validate_record(raw, i, self.image_folder, self.data_path, allow_outside_root)
+            for i, raw in enumerate(raw_records)
+        ]
         seen: dict[str, int] = {}
         for record in self.records:
             if record.sample_id in seen:
@@ -159,6 +181,42 @@ class LlavaConversationDataset(Dataset):
             seen[record.sample_id] = record.index
         if any(r.image is not None for r in self.records) and image_processor is None:
             raise ValueError("the data has image samples but no image processor was given")
+        self.dropped: list[LlavaRecord] = []
+
+    def drop_unreadable_images(self, strict: bool = False, num_workers: int = 0) -> list[LlavaRecord]:
+        """Decode every sample's image once and drop the samples whose image cannot be decoded.
+
+        Returns the dropped records (each named in a warning). With `strict`, the first unreadable image
+        raises `LlavaDataError` naming its sample instead. Raises when no sample is left. Run before
+        training: an image that fails only when its batch is drawn would end the run there.
+        """
+        indices = [i for i, record in enumerate(self.records) if record.image is not None]
+        loader = DataLoader(_ImageCheck(self.records, indices), batch_size=None, num_workers=num_workers)
+        bad: dict[int, str] = {}
+        for position, error in loader:
+            if error is None:
+                continue
+            record = self.records[position]
+            message = f"{self.data_path}: sample {record.sample_id!r} (record {record.index}): {error}"
+            if strict:
+                raise LlavaDataError(message)
+            logger.warning("skipping %s", message)
+            bad[position] = error
+        if not bad:
+            return []
+        self.dropped = [self.records[i] for i in sorted(bad)]
+        self.records = [record for i, record in enumerate(self.records) if i not in bad]
+        total = len(indices)
+        if not self.records:
+            raise LlavaDataError(
+                f"{self.data_path}: no usable sample: all {total} images under {self.image_folder} are unreadable"
+            )
+        share = len(bad) / total
+        (logger.warning if share > SKIPPED_WARN_SHARE else logger.info)(
+            "%s: skipped %d of %d image samples whose image is unreadable (%.0f%%)%s",
+            self.data_path, len(bad), total, 100 * share, "; check the data" if share > SKIPPED_WARN_SHARE else "",
+        )  # fmt: skip
+        return self.dropped
 
     def __len__(self) -> int:
         return len(self.records)
@@ -216,7 +274,28 @@ class LlavaConversationDataset(Dataset):
                 digest.update(block)
         digest.update(str(self.image_folder.resolve() if self.image_folder else "").encode())
         digest.update(b"query" if self.use_query else b"no-query")
+        if self.dropped:  # lengths are stored per remaining sample
+            digest.update(("dropped:" + ",".join(str(r.index) for r in self.dropped)).encode())
         return digest.hexdigest()
+
+
+class _ImageCheck(Dataset):
+    """(position, error message or None) for each image sample: DataLoader workers decode in parallel."""
+
+    def __init__(self, records: Sequence[LlavaRecord], indices: Sequence[int]) -> None:
+        self.records = records
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, str | None]:
+        index = self.indices[position]
+        try:
+            load_image(self.records[index].image)
+        except ImageLoadError as err:
+            return index, str(err)
+        return index, None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from tokenizer.hub import resolve_pretrained_dir
 
 from .constants import IGNORE_INDEX
-from .conversation import tokenize_generation_prompt, tower_query
+from .conversation import require_question, tokenize_generation_prompt, tower_query
 from .modeling import DoveLlavaForCausalLM
 
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
@@ -110,6 +110,8 @@ def answer_questions(
     `queries` (one per question) replace the question as the tower's query, e.g. the question without
     a benchmark's answer-format instruction."""
     _check_lengths(images=images, questions=questions, **({"queries": queries} if queries is not None else {}))
+    for index, question in enumerate(questions):
+        require_question(question, f"questions[{index}]")
     template = template or model.config.conversation_template
     generation_kwargs.setdefault("do_sample", False)
     generation_kwargs.setdefault("pad_token_id", _pad_id(tokenizer))
@@ -156,6 +158,8 @@ def score_continuations(
     generation prompt as an answer would."""
     _check_lengths(images=images, contexts=contexts, continuations=continuations,
                    **({"queries": queries} if queries is not None else {}))
+    for index, context in enumerate(contexts):
+        require_question(context, f"contexts[{index}]")
     template = template or model.config.conversation_template
     results: list[tuple[float, bool]] = []
     for start in range(0, len(contexts), batch_size):

@@ -45,7 +45,7 @@ from PIL import Image
 
 from tokenizer.image_processing import ImageLoadError, load_image
 
-from .conversation import tokenize_generation_prompt, tower_query
+from .conversation import require_question, tokenize_generation_prompt
 from .inference import answer_questions, inference_dtype, load_pretrained_model, score_continuations
 from .modeling import TruncationWarning
 
@@ -337,9 +337,11 @@ class DoveLlava(lmms):
     def _prepare(self, index: int, request: Instance) -> _Sample:
         """Everything about one request that can fail on its own input, checked before the model runs."""
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
-        sample = _Sample(index=index, prompt=str(context), query=tower_query(str(context)))
-        if not sample.query:
-            sample.error = "empty question"
+        sample = _Sample(index=index, prompt=str(context), query="")
+        try:
+            sample.query = require_question(sample.prompt)
+        except ValueError as err:
+            sample.error = str(err)
             return sample
         try:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])

@@ -108,6 +108,8 @@ class FinetuneArguments:
     save_llm: bool | None = None
     resume: bool = False
     overwrite: bool = False
+    strict: bool = False  # an unreadable image stops the run (before the first step) instead of being skipped
+    allow_outside_root: bool = False  # records' image paths may be absolute or climb out of image_folder
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -480,7 +482,9 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         image_folder=args.image_folder,
         template=template,
         use_query=model.config.use_query,
+        allow_outside_root=args.allow_outside_root,
     )
+    dataset.drop_unreadable_images(strict=args.strict, num_workers=args.dataloader_num_workers)
     training_args = build_training_arguments(args)
 
     lengths = None

@@ -456,3 +456,24 @@ def test_sampler_resume_on_a_different_world_size_keeps_the_global_position():
     four.load_state_dict(two[0].state_dict())
     assert four.offset == 3
     assert list(four) == four.epoch_order(0)[12:][1::4]
+
+
+@pytest.mark.parametrize("climb", [True, False])
+def test_an_image_id_outside_the_image_folder_is_refused_unless_allowed(tmp_path: Path, climb):
+    root = tmp_path / "images"
+    root.mkdir()
+    _rgb(seed=1).save(root / "inside.png")
+    _rgb(seed=2).save(tmp_path / "secret.png")
+    outside = "../secret.png" if climb else str(tmp_path / "secret.png")
+    box = [[1, 1, 8, 8]]
+    records = [
+        {"image_id": "inside", "question": "q", "bounding_box": box},
+        {"image_id": outside, "question": "q", "bounding_box": box},
+    ]
+    path = _write_json(tmp_path / "ann.json", records)
+    with pytest.raises(AnnotationError, match=rf"ann\.json: record 1, field 'image_id'.*{outside!r}.*outside the image"):
+        QueryAnnotationDataset(path, root, SIZE)
+    with pytest.raises(AnnotationError, match="record 1"):
+        build_dataset(root, path, image_size=SIZE)
+    allowed = build_dataset(root, path, image_size=SIZE, allow_outside_root=True)
+    assert allowed[1]["source"] == str(root / outside)  # an absolute id replaces the root when joined

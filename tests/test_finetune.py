@@ -211,6 +211,40 @@ def test_finetune_stops_on_a_bad_record_before_training(workspace, tmp_path, cap
     assert not (tmp_path / "o" / "config.json").exists()
 
 
+def test_finetune_checks_images_before_the_first_step(workspace, tmp_path, caplog):
+    """An undecodable image is skipped and counted before training (or, --strict, stops the run there),
+    instead of ending the run when its batch is drawn; images that all fail stop with an error."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(workspace.images, images)
+    records = workspace.records()[:4]
+    bad = records[3]
+    (images / bad["image"]).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    n_bad = sum(r["image"] == bad["image"] for r in records)
+    assert n_bad < 4
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+
+    def run(output, *extra, data=data):
+        return cli_main(["finetune", "--stage", "1", "--llm", str(workspace.llm_dir), "--tower",
+                         str(workspace.tower_dir), "--data", str(data), "--image-folder", str(images),
+                         "--output", str(tmp_path / output), "--no-group-by-visual-length", "--batch-size", "4",
+                         "--max-steps", "1", *extra])  # fmt: skip
+
+    with caplog.at_level("WARNING"):
+        assert run("skip") == 0
+    assert f"sample {bad['id']!r}" in caplog.text and f"skipped {n_bad} of 4 image samples" in caplog.text
+    assert (tmp_path / "skip" / "config.json").is_file()
+
+    assert run("strict", "--strict") == 2
+    assert not (tmp_path / "strict" / "config.json").exists()
+
+    (tmp_path / "all_bad.json").write_text(json.dumps([bad]))
+    assert run("all_bad", data=tmp_path / "all_bad.json") == 2
+    assert not (tmp_path / "all_bad" / "config.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------- in process
 
 

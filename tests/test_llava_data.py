@@ -191,3 +191,21 @@ def test_an_unreadable_image_names_the_sample_when_loaded(workspace, tokenizer, 
     dataset = LlavaConversationDataset(write_json(tmp_path / "d.json", [record]), tokenizer, processor, folder)
     with pytest.raises(LlavaDataError, match=f"{record['id']!r}.*not an image file"):
         dataset[0]
+
+
+@pytest.mark.parametrize("climb", [True, False])
+def test_an_image_outside_the_image_folder_is_refused_unless_allowed(workspace, tokenizer, processor, tmp_path, climb):
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = workspace.records()[:2]
+    shutil.copy(workspace.images / records[0]["image"], folder / records[0]["image"])
+    shutil.copy(workspace.images / records[1]["image"], tmp_path / "elsewhere.png")
+    outside = "../elsewhere.png" if climb else str(tmp_path / "elsewhere.png")
+    records[1] = dict(records[1], image=outside)
+    data = write_json(tmp_path / "d.json", records)
+    with pytest.raises(LlavaDataError, match=rf"record 1 \(sample {records[1]['id']!r}\): image {outside!r}.*outside"):
+        LlavaConversationDataset(data, tokenizer, processor, folder)
+    dataset = LlavaConversationDataset(data, tokenizer, processor, folder, allow_outside_root=True)
+    assert dataset[1]["pixel_values"].shape == (3, 64, 64)

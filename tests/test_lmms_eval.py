@@ -406,3 +406,21 @@ def test_eval_vqa_writes_table_plot_and_blind_baseline(vlm_dir, shapes_env, tmp_
     assert (out / "results.md").read_text().count("\n") >= 6
     with Image.open(out / "accuracy_vs_visual_tokens.png") as plot:
         assert plot.size[0] > 100 and plot.size[1] > 100
+
+
+def test_an_empty_question_is_refused_by_chat_and_answer_questions_alike(vlm_dir, shapes_dir, test_records, capsys):
+    """The lmms-eval model scores an empty question as an error (above); chat and the API follow the same rule."""
+    from dove_vlm.cli import main
+    from llava_adapter.conversation import require_question
+    from llava_adapter.inference import load_pretrained_model
+
+    image = str(shapes_dir / "images" / f"{test_records[0]['image_id']}.png")
+    for question in ("", "   ", "<image>\n"):
+        assert main(["chat", "--model", str(vlm_dir), "--image", image, "--question", question]) == 2
+        assert "--question: empty question" in capsys.readouterr().err
+    tokenizer, model, _, _ = load_pretrained_model(str(vlm_dir))
+    with pytest.raises(ValueError, match=r"questions\[1\]: empty question"):
+        answer_questions(model, tokenizer, [image, image], ["what colour is the circle?", " \n"])
+    assert require_question("<image>\nwhat shape is it?" + SHORT_ANSWER_SUFFIX) == "what shape is it?"
+    assert main(["chat", "--model", str(vlm_dir), "--image", image, "--question", "what shape is it?"]) == 0
+    assert "visual tokens:" in capsys.readouterr().out

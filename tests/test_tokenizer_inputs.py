@@ -128,3 +128,119 @@ def test_checkpoint_of_another_preset_names_the_mismatched_keys(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         DoveTokenizer.from_pretrained(tmp_path / "does-not-exist")
+
+
+def _png_bomb(path, side=14000):
+    """A 1-bit PNG of side x side zero pixels: tens of KB on disk, far past PIL's pixel limit."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_with_its_name_everywhere(tiny_tokenizer, tmp_path, capsys):
+    import importlib.util
+
+    from dove_vlm.cli import main
+    from tokenizer.image_processing import load_image
+
+    bomb = _png_bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageLoadError, match="bomb.png.*decompression bomb"):
+        tiny_tokenizer.encode([bomb])
+    with pytest.raises(ImageLoadError, match="cell 7.*decompression bomb"):
+        load_image(bomb.read_bytes(), "cell 7")
+    assert main(["reconstruct", str(bomb), "--checkpoint", "dove-tiny", "--out", str(tmp_path / "grid.png")]) == 2
+    assert "bomb.png" in capsys.readouterr().err
+    # The evaluation task decodes embedded bytes through the same decoder.
+    spec = importlib.util.spec_from_file_location("shapes_task_utils", "eval/tasks/dove_shapes_vqa/utils.py")
+    task_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_utils)
+    with pytest.raises(ImageLoadError, match="question 3.*decompression bomb"):
+        task_utils.doc_to_visual({"question_id": 3, "image": {"bytes": bomb.read_bytes(), "path": None}})
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 64, 64), (1, 3, 0, 64)])
+def test_an_empty_tensor_is_refused_naming_the_argument(tiny_tokenizer, shape):
+    with pytest.raises(ValueError, match=r"images is empty: shape \(" + ", ".join(map(str, shape))):
+        tiny_tokenizer.encode(torch.rand(*shape))
+
+
+def test_a_damaged_config_or_text_tokenizer_names_the_file_and_the_field(tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from dove_vlm.cli import main
+
+    saved = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+
+    (saved / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(TypeError, match=r"config\.json: must be a JSON object.*got a list"):
+        DoveTokenizer.from_pretrained(saved)
+    (saved / "config.json").write_text(json.dumps({**config, "max_tokens": "32"}))
+    with pytest.raises(ValueError, match=r"config\.json: field 'max_tokens' must be an integer, got '32'"):
+        DoveTokenizer.from_pretrained(saved)
+    assert main(["info", str(saved)]) == 2
+    assert "'max_tokens'" in capsys.readouterr().err
+
+    (saved / "config.json").write_text(json.dumps(config))
+    text_file = saved / "text_tokenizer" / "tokenizer.json"
+    text_file.write_text(text_file.read_text()[:100])
+    with pytest.raises(ValueError, match=r"text_tokenizer/tokenizer\.json is not valid JSON \(line"):
+        DoveTokenizer.from_pretrained(saved)
+
+
+def test_output_arguments_of_the_wrong_kind_are_named(tmp_path, capsys):
+    from dove_vlm.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:  # --out must be a file: a folder is refused up front
+        main(["reconstruct", "tests/assets/scene.png", "--checkpoint", "dove-tiny", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"argument --out: {tmp_path} is a directory" in capsys.readouterr().err
+    for command in (["train-tokenizer", "--preset", "dove-tiny", "--data", str(tmp_path), "--output"],
+                    ["make-shapes", "--n", "2", "--out"]):  # fmt: skip
+        for target in (a_file, a_file / "sub"):
+            with pytest.raises(SystemExit):
+                main([*command, str(target)])
+            err = capsys.readouterr().err
+            assert f"argument {command[-1]}: {a_file} is a file" in err
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("budget", "error", "message"),
+    [
+        ([None], TypeError, r"budget\[0\] must be an integer number of tokens, got None"),
+        (["abc"], TypeError, r"budget\[0\] must be an integer number of tokens, got 'abc'"),
+        ([float("nan")], TypeError, r"budget\[0\] must be an integer number of tokens, got nan"),
+        ([4.5], TypeError, r"budget\[0\] must be an integer number of tokens, got 4.5"),
+        (0, ValueError, r"budget=0 is outside \[1, max_tokens=32\]"),
+        ("8", TypeError, r"budget must be an int, a list of ints or None; got str '8'"),
+    ],
+)
+def test_a_bad_budget_is_named(tiny_tokenizer, budget, error, message):
+    with pytest.raises(error, match=message):
+        tiny_tokenizer.encode(torch.rand(1, 3, 64, 64), budget=budget)
+
+
+def test_numpy_integers_are_budgets_and_decode_names_lengths(tiny_tokenizer):
+    pixels = torch.rand(2, 3, 64, 64)
+    assert tiny_tokenizer.encode(pixels, budget=np.int64(4)).lengths.tolist() == [4, 4]
+    assert tiny_tokenizer.encode(pixels, budget=[np.int32(3), 5]).lengths.tolist() == [3, 5]
+    assert tiny_tokenizer.encode(pixels, budget=np.array([2, 6])).lengths.tolist() == [2, 6]
+    tokens = tiny_tokenizer.encode(pixels, budget=8).tokens
+    with pytest.raises(ValueError, match=r"^lengths=0 is outside"):
+        tiny_tokenizer.decode(tokens, lengths=0)
+    with pytest.raises(ValueError, match=r"^lengths\[1\]=0 is outside"):
+        tiny_tokenizer.decode(tokens, lengths=[3, 0])

@@ -182,6 +182,36 @@ def test_corrupt_image_is_skipped_and_counted_or_fails_with_strict(tmp_path):
     assert strict.returncode != 0 and "zz_broken.png" in strict.stderr
 
 
+@pytest.mark.slow
+def test_a_folder_where_no_image_decodes_stops_with_an_error_instead_of_hanging(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for k in range(5):
+        (folder / f"bad{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    config = write_config(tmp_path / "run.yaml", max_steps=3, batch_size=2, checkpoint_every=0)
+    # A regression hangs; the timeout turns that into a failure.
+    result = subprocess.run(
+        cli_command("train-tokenizer", "--config", str(config), "--data", str(folder),
+                    "--output", str(tmp_path / "run"), "--no-progress"),
+        env=cli_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: a whole epoch over" in result.stderr and str(folder) in result.stderr
+    assert "5 of 5 images were unreadable" in result.stderr
+
+
+def test_a_mostly_unreadable_folder_is_warned_about(tmp_path, caplog):
+    data = make_shapes_data(tmp_path / "shapes", n=4)
+    for k in range(2):
+        (data / "images" / f"zz_bad{k}.png").write_bytes(b"not an image")
+    config = write_config(tmp_path / "run.yaml", max_steps=1, batch_size=6, checkpoint_every=0, codebook_init_images=0)
+    setup = load_training_file(config)
+    trainer = TokenizerTrainer(setup, data / "images", tmp_path / "run", progress=False)
+    with caplog.at_level("WARNING", logger="tokenizer.train"):
+        trainer.train()
+    assert any("2 of 6 images" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+
+
 def _all_tensors(run: Path) -> dict[str, torch.Tensor]:
     checkpoint = CheckpointManager(run).latest()
     tensors = {f"model.{k}": v for k, v in load_file(str(checkpoint / "model" / "model.safetensors")).items()}

@@ -145,6 +145,20 @@ def check_boxes_inside(boxes: tuple[Box, ...], width: int, height: int, where: s
             )
 
 
+def escapes_root(name: str) -> bool:
+    """Whether a record's relative image path is absolute or climbs out of its folder with `..`.
+
+    Records name images relative to the image folder; one that leaves it reads a file the data was
+    never meant to hold (a typo, or a crafted record pointing at `/etc/...`), so callers refuse it
+    unless told otherwise.
+    """
+    text = name.replace("\\", "/")
+    if os.path.isabs(text) or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        return True
+    normal = os.path.normpath(text).replace("\\", "/")
+    return normal == ".." or normal.startswith("../")
+
+
 def relevance_mask(boxes: tuple[Box, ...], width: int, height: int, processor: DoveImageProcessor) -> torch.Tensor:
     """The [1, S, S] float mask of the query-relevant region in the processed (resized + cropped) frame.
 

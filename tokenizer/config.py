@@ -76,12 +76,24 @@ class DoveConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DoveConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], where: str = "DoveConfig") -> "DoveConfig":
+        """Build from plain data, checking each field's type first; errors name `where` and the field.
+
+        A config.json edited by hand ("max_tokens": "32") would otherwise fail deep inside model
+        construction with a message that names neither the file nor the field.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: must be a JSON object of DoveConfig fields, got a {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown DoveConfig fields: {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+            raise ValueError(f"{where}: unknown DoveConfig fields: {unknown}; known fields: {sorted(fields)}")
+        for name, value in data.items():
+            _check_field_type(fields[name], value, where)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
@@ -99,5 +111,23 @@ class DoveConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
-        data.pop("model_type", None)
-        return cls.from_dict(data)
+        if isinstance(data, dict):
+            data.pop("model_type", None)
+        return cls.from_dict(data, where=str(path))
+
+
+def _check_field_type(spec: dataclasses.Field, value: Any, where: str) -> None:
+    """The JSON type a field's default implies: bool, int, float (an int is accepted), dict, or str/null."""
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default  # type: ignore[misc]
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, dict):
+        ok, kind = isinstance(value, dict), "a JSON object"
+    else:
+        ok, kind = value is None or isinstance(value, str), "a string or null"
+    if not ok:
+        raise ValueError(f"{where}: field {spec.name!r} must be {kind}, got {value!r}")

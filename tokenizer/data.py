@@ -17,7 +17,6 @@ training loop never sees. With `strict=True` the first bad image raises `ImageLo
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -26,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .annotations import (
     AnnotationError,
     QueryRecord,
     check_boxes_inside,
+    escapes_root,
     load_annotations,
     parse_boxes,
     relevance_mask,
@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HUB_PREFIX = "hf://"
+# A few corrupt files are normal in web data; past this share of unreadable images (training warns, in
+# tokenizer and LLaVA training alike) the data or its decoding is probably wrong.
+SKIPPED_WARN_SHARE = 0.1
 
 __all__ = [
     "AnnotationError",
@@ -77,29 +80,6 @@ def _skip(index: int, source: str, error: Exception) -> SkippedExample:
         _warned_sources.add(source)
         logger.warning("skipping unreadable image %s: %s", source, error)
     return SkippedExample(index=index, source=source, reason=str(error))
-
-
-def decode_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes (an HF dataset cell) with `load_image`'s rules; errors name `name`."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except UnidentifiedImageError as err:
-        raise ImageLoadError(f"not an image (unrecognised format): {name}") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"could not decode image {name} (truncated or corrupt?): {err}") from err
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _load_path(path: str | os.PathLike) -> Image.Image:
-    try:
-        return load_image(path)
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"could not decode image {path}: {err}") from err
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -157,7 +137,7 @@ class ImageFolderDataset(_ExampleDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         path = self.paths[index]
         try:
-            image = _load_path(path)
+            image = load_image(path)
         except ImageLoadError as err:
             if self.strict:
                 raise
@@ -180,6 +160,7 @@ class QueryAnnotationDataset(_ExampleDataset):
         image_size: int,
         strict: bool = False,
         box_tolerance: float = 2.0,
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__(image_size, strict)
         self.annotations_path = Path(annotations_path)
@@ -189,7 +170,7 @@ class QueryAnnotationDataset(_ExampleDataset):
                 f"image folder for annotations {self.annotations_path} not found: {self.image_root}"
             )
         self.records: list[QueryRecord] = load_annotations(self.annotations_path)
-        resolver = _ImageResolver(self.image_root)
+        resolver = _ImageResolver(self.image_root, allow_outside_root)
         self.paths: list[Path] = []
         sizes: dict[Path, tuple[int, int] | None] = {}
         for index, record in enumerate(self.records):
@@ -218,7 +199,7 @@ class QueryAnnotationDataset(_ExampleDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         record, path = self.records[index], self.paths[index]
         try:
-            image = _load_path(path)
+            image = load_image(path)
         except ImageLoadError as err:
             if self.strict:
                 raise
@@ -229,8 +210,9 @@ class QueryAnnotationDataset(_ExampleDataset):
 class _ImageResolver:
     """Maps an annotation's `image_id` to a file: the id as a relative path, else the id plus an image extension."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, allow_outside_root: bool = False) -> None:
         self.root = root
+        self.allow_outside_root = allow_outside_root
         self.by_name: dict[str, Path] = {}
         self.by_stem: dict[str, list[Path]] = {}
         for path in list_images(root):
@@ -239,6 +221,11 @@ class _ImageResolver:
             self.by_stem.setdefault(relative[: -len(path.suffix)], []).append(path)
 
     def resolve(self, image_id: str, where: str) -> Path:
+        if not self.allow_outside_root and escapes_root(image_id):
+            raise AnnotationError(
+                f"{where}: image id {image_id!r} points outside the image folder {self.root} (an absolute path or "
+                f"one climbing with '..'); pass allow_outside_root=True (--allow-paths-outside-root) to allow it"
+            )
         key = image_id.replace("\\", "/")
         while key.startswith("./"):
             key = key[2:]
@@ -352,13 +339,13 @@ class HFImageDataset(_ExampleDataset):
             if path:
                 source = f"{source} ({path})"
             if cell.get("bytes"):
-                return decode_image_bytes(cell["bytes"], source), source
+                return load_image(cell["bytes"], source), source
             if path:
-                return _load_path(path), source
+                return load_image(path), source
         if isinstance(cell, (str, os.PathLike)):
-            return _load_path(cell), f"{source} ({cell})"
+            return load_image(cell), f"{source} ({cell})"
         if isinstance(cell, (bytes, bytearray)):
-            return decode_image_bytes(bytes(cell), source), source
+            return load_image(bytes(cell), source), source
         raise ImageLoadError(f"{source}: the image cell holds no image (got {type(cell).__name__})")
 
 
@@ -396,13 +383,15 @@ def build_dataset(
     hf_config: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     box_tolerance: float = 2.0,
+    allow_outside_root: bool = False,
 ) -> Dataset:
     """Pick the dataset class for a `--data` argument (and optional `--annotations`).
 
     - `hf://NAME`: a Hugging Face hub dataset.
     - a folder holding `dataset_info.json` / `state.json` / `dataset_dict.json`: a `save_to_disk` dataset.
     - a `.parquet` file: a Hugging Face parquet dataset.
-    - any other folder: an image folder; with `annotations`, the image root of the Q-DOVE records.
+    - any other folder: an image folder; with `annotations`, the image root of the Q-DOVE records
+      (a record whose `image_id` leaves that folder is refused unless `allow_outside_root`).
     """
     text = str(data)
     hf_kwargs = {
@@ -435,7 +424,14 @@ def build_dataset(
     if annotations is not None:
         if is_hf or not path.is_dir():
             raise ValueError(f"annotations {annotations} need an image folder as data; {path} is not one")
-        return QueryAnnotationDataset(annotations, path, image_size, strict=strict, box_tolerance=box_tolerance)
+        return QueryAnnotationDataset(
+            annotations,
+            path,
+            image_size,
+            strict=strict,
+            box_tolerance=box_tolerance,
+            allow_outside_root=allow_outside_root,
+        )
     if is_hf:
         return HFImageDataset(path, **hf_kwargs)
     if path.is_dir():

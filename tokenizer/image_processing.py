@@ -8,6 +8,7 @@ pixels in [0, 1].
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,24 +26,37 @@ class ImageLoadError(ValueError):
     """An input image could not be read; the message names the file or the argument."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode one image file; truncated and non-image files raise `ImageLoadError`."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageLoadError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ImageLoadError(f"image path is not a file: {path}")
-    # A truncated file must be an error here, whatever a caller set globally.
+def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode one image, from a file path or encoded bytes (e.g. a dataset cell), to RGB.
+
+    The one image decoder of the project: a missing file, a non-image, a truncated or corrupt file and
+    a decompression bomb (more pixels than PIL's `Image.MAX_IMAGE_PIXELS` allows, however small the
+    file) all raise `ImageLoadError` naming `name` (default: the path) instead of a PIL traceback.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        name = name or "(image bytes)"
+        opened: Any = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.exists():
+            raise ImageLoadError(f"image file not found: {name}")
+        if not path.is_file():
+            raise ImageLoadError(f"image path is not a file: {name}")
+        opened = path
+    # A truncated file must be an error here, whatever a caller (lmms-eval does) set globally.
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
             image.load()
             return to_rgb(image)
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"not an image file (unrecognised format): {path}") from err
+        raise ImageLoadError(f"not an image file (unrecognised format): {name}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(f"image {name} is too large to decode safely (a decompression bomb?): {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"could not decode image {path} (truncated or corrupt?): {err}") from err
+        raise ImageLoadError(f"could not decode image {name} (truncated or corrupt?): {err}") from err
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
@@ -139,6 +153,10 @@ class DoveImageProcessor:
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 4 or tensor.shape[1] != 3:
             raise ValueError(f"{argument} must have shape [B, 3, H, W] (or [3, H, W]); got {tuple(tensor.shape)}")
+        if tensor.numel() == 0:
+            raise ValueError(
+                f"{argument} is empty: shape {tuple(tensor.shape)} (at least one image of at least 1x1 pixels)"
+            )
         if not tensor.is_floating_point():
             raise TypeError(f"{argument} must be a floating-point tensor in [0, 1]; got dtype {tensor.dtype}")
         tensor = tensor.detach().float()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -22,26 +24,38 @@ def lengths_from_eos(eos_probs: torch.Tensor, threshold: float, min_tokens: int)
 
 
 def resolve_budget(
-    budget: int | Sequence[int] | torch.Tensor | None, batch_size: int, max_tokens: int
+    budget: int | Sequence[int] | torch.Tensor | None, batch_size: int, max_tokens: int, name: str = "budget"
 ) -> torch.Tensor | None:
-    """A forced length per image ([B] long tensor), or None for automatic lengths."""
+    """A forced length per image ([B] long tensor), or None for automatic lengths.
+
+    Python and numpy integers (and integral floats) are accepted, alone or one per image, in a list, a
+    numpy array or a tensor; anything else is refused with a message naming `name` (the caller's
+    argument) and the offending entry.
+    """
     if budget is None:
         return None
-    if isinstance(budget, torch.Tensor):
-        values = budget.flatten().tolist() if budget.ndim else [int(budget.item())] * batch_size
-    elif isinstance(budget, (int,)) and not isinstance(budget, bool):
-        values = [budget] * batch_size
-    elif isinstance(budget, Sequence) and not isinstance(budget, str):
+    scalar = False
+    if isinstance(budget, (torch.Tensor, np.ndarray)) and budget.ndim == 0:
+        budget, scalar = budget.item(), True
+    if isinstance(budget, (torch.Tensor, np.ndarray)):
+        values = budget.reshape(-1).tolist()
+    elif isinstance(budget, (int, float, np.integer, np.floating)) and not isinstance(budget, (bool, np.bool_)):
+        values, scalar = [budget] * batch_size, True
+    elif isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)):
         values = list(budget)
     else:
-        raise TypeError(f"budget must be an int, a list of ints or None; got {type(budget).__name__}")
+        raise TypeError(f"{name} must be an int, a list of ints or None; got {type(budget).__name__} {budget!r}")
     if len(values) != batch_size:
-        raise ValueError(f"budget has {len(values)} entries but the batch has {batch_size} images")
+        raise ValueError(f"{name} has {len(values)} entries but the batch has {batch_size} images")
     for index, value in enumerate(values):
-        if isinstance(value, bool) or int(value) != value:
-            raise TypeError(f"budget[{index}] must be an integer, got {value!r}")
+        where = name if scalar else f"{name}[{index}]"
+        integral = isinstance(value, (int, np.integer)) or (
+            isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+        )
+        if isinstance(value, (bool, np.bool_)) or not integral:
+            raise TypeError(f"{where} must be an integer number of tokens, got {value!r}")
         if not 1 <= value <= max_tokens:
-            raise ValueError(f"budget[{index}]={value} is outside [1, max_tokens={max_tokens}]")
+            raise ValueError(f"{where}={value} is outside [1, max_tokens={max_tokens}]")
     return torch.tensor([int(v) for v in values], dtype=torch.long)
 
 

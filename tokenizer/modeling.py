@@ -26,7 +26,7 @@ from .hub import atomic_directory, load_safetensors, resolve_pretrained_dir
 from .image_processing import DoveImageProcessor, ImageInput
 from .length import lengths_from_eos, mask_from_lengths, resolve_budget
 from .presets import preset_config
-from .text import byte_level_text_tokenizer, prepare_query_tokenizer
+from .text import byte_level_text_tokenizer, load_text_tokenizer, prepare_query_tokenizer
 from .vq import VQBackbone
 
 WEIGHTS_NAME = "model.safetensors"
@@ -173,7 +173,7 @@ class DoveTokenizer(nn.Module):
         directory = resolve_pretrained_dir(path_or_id, revision=revision)
         config = preset_config(preset) if preset else DoveConfig.load(directory)
         text_dir = directory / TEXT_TOKENIZER_DIR
-        text_tokenizer = AutoTokenizer.from_pretrained(text_dir) if text_dir.is_dir() else None
+        text_tokenizer = load_text_tokenizer(text_dir) if text_dir.is_dir() else None
         model = cls(config, text_tokenizer=text_tokenizer)
         model.load_weights(directory / WEIGHTS_NAME)
         return model if dtype is None else model.to(dtype)
@@ -352,7 +352,7 @@ class DoveTokenizer(nn.Module):
             raise ValueError(f"tokens has {width} positions but the model decodes at most {self.max_tokens}")
         if isinstance(lengths, torch.Tensor) and lengths.ndim == 1:
             lengths = lengths.tolist()
-        forced = resolve_budget(lengths, batch, width)
+        forced = resolve_budget(lengths, batch, width, name="lengths")
         mask = mask_from_lengths(forced.to(tokens.device), width)
         latents = self.decode_latents(tokens.to(self.device), mask.to(self.device))
         return self.vq.decode(latents).clamp(0, 1)

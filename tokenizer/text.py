@@ -8,8 +8,12 @@ any generator vocabulary.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
@@ -35,3 +39,24 @@ def prepare_query_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def load_text_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(directory)`, with a damaged file named instead of a bare parse error.
+
+    The libraries report a corrupt `tokenizer.json` as "Expecting ',' delimiter: line 1 column 6" or a
+    Rust panic message, naming no file; each JSON file of the folder is checked to say which one it is.
+    """
+    directory = Path(directory)
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+            raise ValueError(
+                f"text tokenizer file {path} is not valid JSON{where}: {err}; restore it or save the model again"
+            ) from err
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # tokenizers raises plain Exceptions from Rust
+        raise ValueError(f"could not load the text tokenizer in {directory}: {type(err).__name__}: {err}") from err

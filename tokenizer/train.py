@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint, existing_run_error
-from .data import build_dataset, collate_examples
+from .data import SKIPPED_WARN_SHARE, build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
 from .hub import remove_saved_files
 from .length import lengths_from_eos, mask_from_lengths
@@ -233,6 +233,7 @@ class TokenizerTrainer:
         self.setup = setup
         self.config = config = setup.train
         self.output_dir = Path(output_dir)
+        self.data = str(data)
         self.with_queries = annotations is not None or bool((dataset_kwargs or {}).get("question_column"))
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -606,13 +607,18 @@ class TokenizerTrainer:
         epoch = self.sampler.epoch
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\).*optimizer.step\\(\\).*")
+            warned = False
             while self.step < config.max_steps:
                 self.sampler.set_epoch(epoch)
+                full_epoch = self.sampler.offset == 0  # a resumed run's first pass covers only the rest
+                usable, counts = 0, torch.zeros(2)  # (skipped, consumed) in this pass, this process
                 for batch in self.loader:
                     self.sampler.advance(batch["consumed"])
                     self.skipped_images += batch["skipped"]
+                    counts += torch.tensor([batch["skipped"], batch["consumed"]], dtype=torch.float32)
                     if not self._all_processes_have_images(batch):
                         continue
+                    usable += 1
                     will_log = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.max_steps
                     logs = self._micro_step(batch, log=will_log)
                     self.images_seen += batch["pixels"].shape[0] * accelerator.num_processes
@@ -627,6 +633,7 @@ class TokenizerTrainer:
                         elapsed = max(time.perf_counter() - started, 1e-9)
                         logs["lr/generator"] = self.gen_schedule.get_last_lr()[0]
                         logs["data/skipped_images"] = float(self._total_skipped())
+                        warned = self._warn_if_mostly_skipped(counts, warned)
                         logs["throughput/images_per_s"] = (self.images_seen - images_at_start) / elapsed
                         self._log(logs, metrics_path, history)
                         bar.set_postfix(
@@ -640,6 +647,14 @@ class TokenizerTrainer:
                     if self.step >= config.max_steps:
                         break
                 else:
+                    warned = self._warn_if_mostly_skipped(counts, warned)
+                    if full_epoch and usable == 0:
+                        skipped, consumed = (int(v) for v in self._summed(counts).tolist())
+                        raise ValueError(
+                            f"a whole epoch over {self.data} gave no batch to train on: {skipped} of {consumed} "
+                            f"images were unreadable and skipped (each is named in a warning above); "
+                            f"training would never advance"
+                        )
                     epoch += 1
         bar.close()
         if not config.checkpoint_every or self.step % config.checkpoint_every:
@@ -679,6 +694,28 @@ class TokenizerTrainer:
         if self.accelerator.num_processes > 1:
             has = self.accelerator.reduce(has, reduction="sum") / self.accelerator.num_processes
         return bool(has.item() == 1.0)
+
+    def _summed(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over processes (every process must call this at the same point)."""
+        values = values.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        return values.cpu()
+
+    def _warn_if_mostly_skipped(self, counts: torch.Tensor, warned: bool) -> bool:
+        """Warn once per run when more than SKIPPED_WARN_SHARE of this pass's images were unreadable."""
+        if warned:  # the same on every process: it was decided on summed counts
+            return True
+        skipped, consumed = (int(v) for v in self._summed(counts).tolist())
+        if consumed and skipped / consumed > SKIPPED_WARN_SHARE:
+            if self.accelerator.is_main_process:
+                logger.warning(
+                    "%d of %d images read so far from %s were unreadable and skipped (%.0f%%, more than %.0f%%): "
+                    "check the data",
+                    skipped, consumed, self.data, 100 * skipped / consumed, 100 * SKIPPED_WARN_SHARE,
+                )  # fmt: skip
+            return True
+        return warned
 
     def _total_skipped(self) -> int:
         count = torch.tensor([float(self.skipped_images)], device=self.accelerator.device)

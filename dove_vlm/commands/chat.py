@@ -25,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llava_adapter.conversation import require_question
     from llava_adapter.inference import answer_questions, load_pretrained_model
 
+    require_question(args.question, "--question")  # before the model loads: the same rule as evaluation
     tokenizer, model, _, _ = load_pretrained_model(args.model, device=args.device, dtype=args.dtype)
     if args.budget is not None and not 1 <= args.budget <= model.vision_tower.num_patches:
         raise ValueError(f"--budget: {args.budget} is outside [1, {model.vision_tower.num_patches}] for this model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import output_dir
+
 STEP_HELP = "data, tokenizer, llm, stage1, stage2, eval, report"
 
 
@@ -16,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with query on and off and at fixed budgets, and write OUT/report.md with its figures. Each step "
         "runs its own dove-vlm command, listed in the report.",
     )
-    parser.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
+    parser.add_argument(
+        "--out", type=output_dir, default="outputs/demo", help="output directory (default outputs/demo)"
+    )
     parser.add_argument("--fast", action="store_true", help="a smaller configuration that runs in a few minutes (CI)")
     parser.add_argument(
         "--steps",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ._args import int_list
+from ._args import int_list, output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="directory for metrics.csv, metrics.md and quality_vs_tokens.png")
+    parser.add_argument(
+        "--out", type=output_dir, required=True, help="directory for metrics.csv, metrics.md and quality_vs_tokens.png"
+    )
     parser.set_defaults(handler=run)
 
 

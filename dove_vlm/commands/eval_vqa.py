@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._args import output_dir
+
 SHAPES_TASK_PREFIX = "dove_shapes_vqa"
 SHAPES_DIR_ENV = "DOVE_SHAPES_DIR"
 PLOT_NAME = "accuracy_vs_visual_tokens.png"
@@ -43,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budgets", type=_budget_list, default=["auto"], help="e.g. auto,8,16,32 (default: auto)")
     parser.add_argument("--query", choices=("both", "on", "off"), default="both", help="query conditioning")
     parser.add_argument("--threshold", type=float, default=None, help="EOS threshold for auto (default: model's)")
-    parser.add_argument("--output", required=True, help="directory for the runs, the table and the plot")
+    parser.add_argument(
+        "--output", type=output_dir, required=True, help="directory for the runs, the table and the plot"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each task (for quick checks)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

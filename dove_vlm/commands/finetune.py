@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import output_dir
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -58,9 +60,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--visual-length-cache", help="cache dir (default: $DOVE_VLM_CACHE or ~/.cache/dove-vlm)")
     data.add_argument("--num-workers", type=int, default=0, dest="dataloader_num_workers")
+    data.add_argument(
+        "--allow-paths-outside-root",
+        dest="allow_outside_root",
+        action="store_true",
+        help="let records' 'image' paths be absolute or climb out of --image-folder with '..' (refused by default)",
+    )
+    data.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop (before the first step) at an unreadable image instead of skipping its sample",
+    )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output", "--output-dir", dest="output_dir", required=True)
+    train.add_argument("--output", "--output-dir", dest="output_dir", type=output_dir, required=True)
     train.add_argument(
         "--lora",
         action=argparse.BooleanOptionalAction,

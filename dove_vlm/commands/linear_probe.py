@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ._args import output_file
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the result as JSON here")
     parser.set_defaults(handler=run)
 
 

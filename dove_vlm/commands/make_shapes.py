@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..shapes import QUESTION_TYPES, ShapesArgumentError, make_shapes
+from ._args import output_dir
 
 
 def _type_list(text: str) -> list[str]:
@@ -18,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate a shapes-VQA dataset",
         description="Generate scenes of coloured shapes with questions, boxes and complexity scores.",
     )
-    parser.add_argument("--out", required=True, help="output directory (replaced; must be empty or an earlier output)")
+    parser.add_argument(
+        "--out", type=output_dir, required=True, help="output directory (replaced; must be empty or an earlier output)"
+    )
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--seed", type=int, required=True, help="random seed (same seed, same bytes)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")

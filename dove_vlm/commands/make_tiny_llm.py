@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._args import output_dir
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", required=True, nargs="+", help="LLaVA conversation JSON file(s) to learn the vocabulary from"
     )
-    parser.add_argument("--output", required=True, help="directory for the model and its tokenizer")
+    parser.add_argument("--output", type=output_dir, required=True, help="directory for the model and its tokenizer")
     parser.add_argument("--arch", choices=("llama", "gpt_neox", "gpt2"), default="llama")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")

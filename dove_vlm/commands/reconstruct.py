@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import int_list
+from ._args import int_list, output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budgets", type=int_list, default=[8, 16, 32], help="comma-separated token budgets")
     parser.add_argument("--query", default=None, help="Q-DOVE text query applied to every image")
     parser.add_argument("--threshold", type=float, default=None, help="EOS threshold (default: the model's)")
-    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--out", type=output_file, required=True, help="output PNG")
     parser.add_argument("--device", default="cpu")
     parser.set_defaults(handler=run)
 

@@ -9,6 +9,8 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ._args import output_dir
+
 PRESET_PACKAGE = "dove_vlm.presets"
 
 
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--config", help="training YAML with `model:` and `train:` sections")
     parser.add_argument("--data", required=True, help="image folder, save_to_disk dataset, .parquet, or hf://NAME")
     parser.add_argument("--annotations", help="Q-DOVE annotation JSON (image_id, question, answer, bounding_box)")
-    parser.add_argument("--output", required=True, help="run directory")
+    parser.add_argument("--output", type=output_dir, required=True, help="run directory")
     parser.add_argument(
         "--resume", nargs="?", const="latest", default=None,
         help="continue from the latest checkpoint in OUTPUT (or from the checkpoint dir given)",
@@ -75,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset")
     parser.add_argument("--question-column", help="question column of a Hugging Face dataset (Q-DOVE)")
     parser.add_argument("--boxes-column", help="boxes column ([[x, y, w, h], ...]) of a Hugging Face dataset (Q-DOVE)")
+    parser.add_argument(
+        "--allow-paths-outside-root",
+        action="store_true",
+        help="let annotation image ids be absolute or climb out of --data with '..' (refused by default)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
 
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "image_column": args.image_column,
         "question_column": args.question_column,
         "boxes_column": args.boxes_column,
+        "allow_outside_root": args.allow_paths_outside_root,
     }
     summary = train_tokenizer(
         setup,

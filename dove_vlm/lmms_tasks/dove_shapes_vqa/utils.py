@@ -17,7 +17,6 @@ A model that reports no visual tokens (any other lmms-eval model) gets `null` co
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import statistics
@@ -33,7 +32,7 @@ import pyarrow.parquet as pq
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
 from loguru import logger as eval_logger
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
 from dove_vlm.shapes import COLOURS, MAX_OBJECTS_LIMIT, SHAPES
 from tokenizer.image_processing import ImageLoadError, load_image, to_rgb
@@ -156,28 +155,13 @@ def doc_to_visual(doc: Mapping) -> list[Image.Image]:
         raise ImageLoadError(f"question {question_id}: no image")
     data, path = image.get("bytes"), image.get("path")
     if data:
-        return [_decode_bytes(data, f"question {question_id}: image {path or '(embedded)'}")]
+        return [load_image(data, f"question {question_id}: image {path or '(embedded)'}")]
     if path:
         try:
             return [load_image(path)]
         except ImageLoadError as err:
             raise ImageLoadError(f"question {question_id}: {err}") from err
     raise ImageLoadError(f"question {question_id}: the image has neither bytes nor a path")
-
-
-def _decode_bytes(data: bytes, name: str) -> Image.Image:
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # lmms-eval turns it on globally; a cut-off PNG is an error here
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{name} is not an image (unrecognised format)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{name} could not be decoded (truncated or corrupt?): {err}") from err
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def doc_to_text(doc: Mapping, lmms_eval_specific_kwargs: Mapping | None = None) -> str:
