@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dove_vlm import CheckpointMismatchError, DoveTokenizer, ImageLoadError, available_presets, preset_config
+from dove_vlm.lmms_tasks import TASKS_DIR
 
 
 def _write(tmp_path, name, image):
@@ -161,7 +162,7 @@ def test_a_decompression_bomb_is_refused_with_its_name_everywhere(tiny_tokenizer
     assert main(["reconstruct", str(bomb), "--checkpoint", "dove-tiny", "--out", str(tmp_path / "grid.png")]) == 2
     assert "bomb.png" in capsys.readouterr().err
     # The evaluation task decodes embedded bytes through the same decoder.
-    spec = importlib.util.spec_from_file_location("shapes_task_utils", "eval/tasks/dove_shapes_vqa/utils.py")
+    spec = importlib.util.spec_from_file_location("shapes_task_utils", TASKS_DIR / "dove_shapes_vqa" / "utils.py")
     task_utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(task_utils)
     with pytest.raises(ImageLoadError, match="question 3.*decompression bomb"):
