@@ -48,7 +48,7 @@ from .data import build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
 from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
-from .losses import ReconstructionLoss, drop_queries, relevance_weights
+from .losses import ReconstructionLoss, drop_queries
 from .modeling import WEIGHTS_NAME, DoveTokenizer
 from .sampler import ResumableSampler
 from .training_config import ModelSpec, TrainConfig, TrainingSetup
@@ -261,6 +261,7 @@ class TokenizerTrainer:
             perceptual_weight=config.perceptual_weight,
             perceptual=config.perceptual_weights,
             region_lambda=config.region_lambda,
+            region_loss=config.region_loss,
         )
         self.length_control = LengthControl(
             history=config.length_history,
@@ -422,20 +423,26 @@ class TokenizerTrainer:
             predicted.cpu(), cfg.max_tokens, cfg.min_tokens, self.config.uniform_length_fraction, generator=self.rng
         )
 
-    def _length_judgement(self, per_sample: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
-        """What length control compares with its threshold.
+    def _judgement_kinds(self, queries: list[str], device: torch.device) -> torch.Tensor:
+        """Which running threshold judges each sample: with the paper's loss a sample with a question is judged
+        by its boxes' mean and gets the question threshold (see `LengthControl`); all others the whole-image one."""
+        with_question = [bool(q) and self.config.region_loss == "paper" for q in queries]
+        return torch.tensor(
+            [LengthControl.QUESTION if q else LengthControl.WHOLE_IMAGE for q in with_question], device=device
+        )
 
-        The reconstruction loss is a region-weighted MEAN (the right scale for gradients). Length control
-        instead asks how much error a sample leaves in what matters, so with `length_judged_by_area` the
-        mean is multiplied by the weighted area fraction: a question about one small object leaves little
-        to reconstruct and should stop early, however hard the object's own pixels are. Without queries
-        (or with every query dropped) the fraction is 1 and nothing changes.
-        """
-        if not self.config.length_judged_by_area or relevance is None:
-            return per_sample
-        shape = (per_sample.shape[0], 1, *relevance.shape[-2:])
-        area = relevance_weights(relevance, torch.Size(shape), self.config.region_lambda).mean(dim=(1, 2, 3))
-        return per_sample * area.to(per_sample.dtype)
+    def _record_judgements(self, judged: torch.Tensor, kinds: torch.Tensor) -> None:
+        """Record each kind's mean judged loss over every process (tau must be the same on all of them)."""
+        judged = judged.detach().float()
+        sums = torch.stack([judged[kinds == kind].sum() for kind in range(LengthControl.KINDS)])
+        counts = torch.stack([(kinds == kind).sum().float() for kind in range(LengthControl.KINDS)])
+        totals = torch.cat([sums, counts])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for kind in range(LengthControl.KINDS):
+            count = float(totals[LengthControl.KINDS + kind])
+            if count > 0:
+                self.length_control.update(totals[kind] / count, kind=kind)
 
     def _vq_warmup_step(self, batch: dict[str, Any], log: bool) -> dict[str, float]:
         """One micro-step of the VQ autoencoder alone. On logging steps the token path's reconstruction loss
@@ -489,8 +496,16 @@ class TokenizerTrainer:
             if config.latent_weight > 0:
                 # Relative to the latents' own variance: scale-free, so one weight suits aMUSEd's latents and a
                 # from-scratch encoder's unbounded continuous ones (raw MSE reached 30 there and drowned the rest).
+                # With the paper's loss it splits by region like the pixel loss: a cell is relevant if any of
+                # its pixels is. Over the whole grid it would keep asking a question's tokens for everything.
                 target = out["target_latents"].detach().float()
-                latent = F.mse_loss(out["latents"].float(), target) / target.var().clamp(min=1e-6)
+                squared = (out["latents"].float() - target).pow(2).mean(dim=1, keepdim=True)
+                squared = squared / target.var().clamp(min=1e-6)
+                if config.region_loss == "paper":
+                    cells = F.adaptive_max_pool2d(relevance.float(), squared.shape[-2:])
+                    latent = self.rec_loss.combine_regions(squared, cells)[0].mean()
+                else:
+                    latent = squared.mean()
                 total = total + config.latent_weight * latent
                 logs["loss/latent"] = latent.item()
             if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
@@ -510,8 +525,11 @@ class TokenizerTrainer:
                 logs["adversarial/adaptive_weight"] = weight.item()
             full_length = self.in_full_length_phase
             if not full_length:  # at full length every sample is judged at N tokens: nothing to learn or track
-                judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
-                length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
+                judged = self.rec_loss.length_judgement(rec, relevance)
+                kinds = self._judgement_kinds(queries, device)
+                length_loss = self.length_control.loss(
+                    out["eos_logits"], out["lengths"], judged, self.step, kinds=kinds
+                )
                 total = total + length_loss
                 logs["loss/length"] = length_loss.item()
             logs["loss/total"] = total.item()
@@ -535,12 +553,13 @@ class TokenizerTrainer:
                 self.disc_optimizer.zero_grad(set_to_none=True)
                 logs["loss/discriminator"] = d_loss.item()
 
-        # tau must be the same on every process: record the all-reduced batch mean.
         if not full_length:
-            batch_mean = accelerator.reduce(judged.detach().mean(), reduction="mean")
-            self.length_control.update(batch_mean)
+            self._record_judgements(judged, kinds)
         if self.length_control.threshold is not None:
             logs["length/threshold"] = float(self.length_control.threshold)
+        question_tau = self.length_control.threshold_of(LengthControl.QUESTION)
+        if question_tau is not None:
+            logs["length/threshold_question"] = float(question_tau)
         logs["length/predicted_mean"] = out["predicted_lengths"].float().mean().item()
         logs["length/trained_mean"] = out["lengths"].float().mean().item()
         return logs
