@@ -434,3 +434,34 @@ def test_drop_queries_blanks_query_and_relevance_together_and_replays_with_its_s
     again, _ = drop_queries(queries, relevance, p=0.5, generator=torch.Generator().manual_seed(0))
     assert again == kept
 
+
+# ---- the EOS head's start ------------------------------------------------------------------------------
+
+
+def test_a_fresh_tokenizer_starts_at_the_full_length():
+    from tokenizer import DoveTokenizer
+
+    torch.manual_seed(0)
+    model = DoveTokenizer.from_preset("dove-tiny").eval()
+    images = torch.rand(4, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        encoding = model.encode(images, queries=["is there a red circle?", None, "", "how many squares?"])
+    assert encoding.lengths.tolist() == [model.max_tokens] * 4
+    assert float(encoding.eos_probs.max()) < model.config.eos_threshold
+
+
+@pytest.mark.slow
+def test_the_full_presets_generator_starts_at_the_full_length():
+    from tokenizer.generator import TokenGenerator, initial_eos_bias
+    from tokenizer.presets import preset_config
+
+    config = preset_config("dove-pythia70m-amused256")
+    torch.manual_seed(0)
+    generator = TokenGenerator(config).eval()  # the 70M generator alone; the VQ plays no part in the EOS head
+    latents = torch.randn(2, config.latent_channels, config.grid_size, config.grid_size)
+    with torch.no_grad():
+        _, eos_logits = generator(latents, torch.randint(0, 1000, (2, 7)))
+    lengths = lengths_from_eos(torch.sigmoid(eos_logits), config.eos_threshold, config.min_tokens)
+    assert lengths.tolist() == [config.max_tokens] * 2
+    assert initial_eos_bias(256, 0.5) == pytest.approx(-5.54, abs=0.01)  # end probability 1/N
+    assert initial_eos_bias(8, 0.05) < torch.logit(torch.tensor(0.05)).item()  # always below the threshold
