@@ -335,6 +335,8 @@ def test_length_control_threshold_weight_and_state():
     assert control.weight_at(50) == pytest.approx(0.11)
     assert control.weight_at(100) == pytest.approx(0.21)
     assert control.weight_at(10_000) == pytest.approx(0.21)
+    late = LengthControl(weight_start=0.01, weight_max=0.21, ramp_steps=100, start_step=400)
+    assert [late.weight_at(s) for s in (0, 400, 450, 500)] == pytest.approx([0.01, 0.01, 0.11, 0.21])
     logits, lengths = torch.randn(4, 8), torch.tensor([1, 3, 5, 8])
     rec = torch.tensor([0.1, 0.2, 0.3, 0.4])
     assert control.loss(logits, lengths, rec, 100) / control.loss(logits, lengths, rec, 0) == pytest.approx(21.0)

@@ -30,7 +30,7 @@ class LengthControl:
         good_b     = [r_b <= tau]
         l_b        = BCE(s_{b,L_b}, 1)                              if good_b   (end here: L_b was enough)
                    = (1 / L_b) * sum_{i=1..L_b} BCE(s_{b,i}, 0)     otherwise  (do not end at or before L_b)
-        w(step)    = weight_start + (weight_max - weight_start) * min(1, step / ramp_steps)
+        w(step)    = weight_start + (weight_max - weight_start) * min(1, (step - start_step) / ramp_steps)
         loss       = w(step) * (1 / B) * sum_b l_b
 
     with BCE(s, y) = -y log sigmoid(s) - (1 - y) log(1 - sigmoid(s)). r_b and tau carry no gradient.
@@ -42,7 +42,9 @@ class LengthControl:
     likely good enough; a complex image needs more tokens before it beats tau, so it gets a longer
     sequence. As the tokenizer improves tau falls, which keeps asking for better reconstructions rather
     than settling. A bad sample's positions are averaged so each sample casts one vote whatever its length;
-    the weight starts tiny because early losses say nothing yet about what each image needs.
+    the weight starts tiny because early losses say nothing yet about what each image needs, and its ramp
+    counts from `start_step`, the first step length control runs (after any warm-up phases), so it is not
+    spent before there is anything to ramp.
 
     Samples may come in `KINDS` kinds, each with its own history and tau: Q-DOVE judges a sample with a
     question by its boxes' mean loss and one without by the whole image's (kind `QUESTION` / `WHOLE_IMAGE`).
@@ -61,7 +63,12 @@ class LengthControl:
     KINDS = 2
 
     def __init__(
-        self, history: int = 100, weight_start: float = 1e-4, weight_max: float = 0.1, ramp_steps: int = 1000
+        self,
+        history: int = 100,
+        weight_start: float = 1e-4,
+        weight_max: float = 0.1,
+        ramp_steps: int = 1000,
+        start_step: int = 0,
     ) -> None:
         if history < 1:
             raise ValueError(f"length-control history must be >= 1 steps, got {history}")
@@ -69,10 +76,13 @@ class LengthControl:
             raise ValueError(f"length-control weights must be >= 0, got start={weight_start}, max={weight_max}")
         if ramp_steps < 0:
             raise ValueError(f"length-control ramp_steps must be >= 0, got {ramp_steps}")
+        if start_step < 0:
+            raise ValueError(f"length-control start_step must be >= 0, got {start_step}")
         self.history = int(history)
         self.weight_start = float(weight_start)
         self.weight_max = float(weight_max)
         self.ramp_steps = int(ramp_steps)
+        self.start_step = int(start_step)
         self._histories: tuple[deque[float], ...] = tuple(deque(maxlen=self.history) for _ in range(self.KINDS))
         self.skipped = 0
 
@@ -94,8 +104,8 @@ class LengthControl:
         return list(self._histories[kind])
 
     def weight_at(self, step: int) -> float:
-        """w(step) = weight_start + (weight_max - weight_start) * min(1, step / ramp_steps)."""
-        progress = 1.0 if self.ramp_steps == 0 else min(1.0, max(0, step) / self.ramp_steps)
+        """w(step) = weight_start + (weight_max - weight_start) * min(1, (step - start_step) / ramp_steps)."""
+        progress = 1.0 if self.ramp_steps == 0 else min(1.0, max(0, step - self.start_step) / self.ramp_steps)
         return self.weight_start + (self.weight_max - self.weight_start) * progress
 
     def loss(

@@ -167,6 +167,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_cosine_from(step: int, start_step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """`warmup_cosine` for a part that starts training at `start_step` (the discriminator): 0 before it, then
+    the warm-up from its first step and the cosine over the steps left. Counted from step 0 instead, a part
+    starting late would skip its warm-up and begin part-way down the decay."""
+    if step < start_step:
+        return 0.0
+    return warmup_cosine(step - start_step, warmup_steps, max(1, total_steps - start_step), min_ratio)
+
+
 @torch.no_grad()
 def init_codebook_from_data(tokenizer: DoveTokenizer, pixels: torch.Tensor, seed: int) -> int:
     """Reset the VQ codebook to randomly chosen encoder outputs of real images; returns the number of codes.
@@ -268,6 +277,7 @@ class TokenizerTrainer:
             weight_start=config.length_weight_start,
             weight_max=config.length_weight_max,
             ramp_steps=config.length_ramp_steps,
+            start_step=config.vq_warmup_steps + config.full_length_steps,  # the first step with length control
         )
         betas = (config.adam_beta1, config.adam_beta2)
         gen_optimizer = torch.optim.AdamW(parameter_groups(tokenizer, config), betas=betas)
@@ -279,7 +289,11 @@ class TokenizerTrainer:
         )
         # Not passed through accelerator.prepare: its scheduler wrapper steps once per process per call.
         self.gen_schedule = torch.optim.lr_scheduler.LambdaLR(gen_optimizer, schedule)
-        self.disc_schedule = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, schedule)
+        disc_schedule = partial(
+            warmup_cosine_from, start_step=config.adversarial_start_step, warmup_steps=config.warmup_steps,
+            total_steps=config.max_steps, min_ratio=config.min_lr_ratio,
+        )  # fmt: skip
+        self.disc_schedule = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, disc_schedule)
         self.sampler = ResumableSampler(
             len(self.dataset), seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
         )
@@ -298,6 +312,7 @@ class TokenizerTrainer:
         self.skipped_images = 0
         self.images_seen = 0
         self.resumed_from: Path | None = None
+        self._judged_totals: torch.Tensor | None = None  # this optimizer step's judged losses (see `_add_judgements`)
 
         checkpoint = self._find_checkpoint(resume)
         if checkpoint is None and config.codebook_init_images > 0:
@@ -431,12 +446,21 @@ class TokenizerTrainer:
             [LengthControl.QUESTION if q else LengthControl.WHOLE_IMAGE for q in with_question], device=device
         )
 
-    def _record_judgements(self, judged: torch.Tensor, kinds: torch.Tensor) -> None:
-        """Record each kind's mean judged loss over every process (tau must be the same on all of them)."""
+    def _add_judgements(self, judged: torch.Tensor, kinds: torch.Tensor) -> None:
+        """Add one micro-batch's judged losses, per kind, to the optimizer step's totals."""
         judged = judged.detach().float()
         sums = torch.stack([judged[kinds == kind].sum() for kind in range(LengthControl.KINDS)])
         counts = torch.stack([(kinds == kind).sum().float() for kind in range(LengthControl.KINDS)])
         totals = torch.cat([sums, counts])
+        self._judged_totals = totals if self._judged_totals is None else self._judged_totals + totals
+
+    def _record_judgements(self) -> None:
+        """At the end of an optimizer step: record each kind's mean judged loss over the step's micro-batches on
+        every process, so the history's `length_history` entries are optimizer steps whatever the gradient
+        accumulation, and tau is the same on all processes."""
+        totals, self._judged_totals = self._judged_totals, None
+        if totals is None:
+            return
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         for kind in range(LengthControl.KINDS):
@@ -532,6 +556,7 @@ class TokenizerTrainer:
                 )
                 total = total + length_loss
                 logs["loss/length"] = length_loss.item()
+                logs["length/weight"] = self.length_control.weight_at(self.step)
             logs["loss/total"] = total.item()
 
             accelerator.backward(total)
@@ -554,7 +579,7 @@ class TokenizerTrainer:
                 logs["loss/discriminator"] = d_loss.item()
 
         if not full_length:
-            self._record_judgements(judged, kinds)
+            self._add_judgements(judged, kinds)
         if self.length_control.threshold is not None:
             logs["length/threshold"] = float(self.length_control.threshold)
         question_tau = self.length_control.threshold_of(LengthControl.QUESTION)
@@ -596,6 +621,7 @@ class TokenizerTrainer:
                     micro += 1
                     if micro % config.gradient_accumulation_steps:
                         continue
+                    self._record_judgements()
                     self.gen_schedule.step()
                     self.disc_schedule.step()
                     self.step += 1
