@@ -199,6 +199,20 @@ def test_length_is_judged_by_the_boxes_own_mean():
         ReconstructionLoss(region_loss="sum")
 
 
+def test_asked_boxes_are_measured_without_changing_the_loss():
+    torch.manual_seed(0)
+    recon, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    asked = box_mask(2, 16, 3, 3, 4)  # the question's boxes; its question was dropped, so all is relevant
+    loss = ReconstructionLoss()
+    plain = loss(recon, target, torch.ones(2, 1, 16, 16))
+    measured = loss(recon, target, torch.ones(2, 1, 16, 16), asked=asked)
+    assert plain.asked_per_sample is None
+    assert torch.equal(measured.per_sample, plain.per_sample)
+    squared = ((recon - target) ** 2).mean(dim=1)
+    by_hand = torch.stack([squared[b, 3:7, 3:7].mean() for b in range(2)])
+    assert torch.allclose(measured.asked_per_sample, by_hand, rtol=1e-6)
+
+
 def test_weighted_mean_reduces_to_plain_loss():
     torch.manual_seed(0)
     recon, target = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)

@@ -46,13 +46,11 @@ class LengthControl:
     counts from `start_step`, the first step length control runs (after any warm-up phases), so it is not
     spent before there is anything to ramp.
 
-    Samples may come in `KINDS` kinds, each with its own history and tau: Q-DOVE judges a sample with a
-    question by its boxes' mean loss and one without by the whole image's (kind `QUESTION` / `WHOLE_IMAGE`).
-    Both are means per pixel, yet not of like pixels: a box sits on an object, while a whole image is
-    mostly the background any token reconstructs, so at equal quality box means run well above
-    whole-image means. Against one shared tau every whole image would count as good and every box as
-    bad, whatever either holds (docs/benchmarks.md); against the recent average of its own kind, each
-    sample is judged by whether its tokens did as well as usual for what it has to reconstruct.
+    Samples may come in `KINDS` kinds, each judged against its own history (kind `WHOLE_IMAGE` or
+    `QUESTION`): Q-DOVE judges a sample with a question by its boxes' mean loss and one without by the
+    whole image's, and the two are not on one scale (a box sits on an object, a whole image is mostly
+    background). What each history records is the caller's choice; the training loop records, for
+    questions, the error whole-image reconstructions leave in the boxes (see `TokenizerTrainer`).
 
     Under DDP, pass every rank the same (all-reduced) batch mean to `update`, so all ranks share tau and
     the saved state.

@@ -42,8 +42,10 @@ class ReconstructionTerms:
 
     `per_sample` [B] is the weighted total per image and `total` its mean, the term to optimise.
     `relevant_per_sample` [B] is the same weighted sum of MSE and LPIPS over the relevant region alone (the
-    whole image without a question): what length control judges. `mse` and `perceptual` are batch means of
-    the region-combined terms before their weights are applied; `*_per_sample` keep them per image.
+    whole image without a question): what length control judges. `asked_per_sample` is the same over the
+    boxes of `asked` (a question's boxes even where it was dropped), when given. `mse` and `perceptual` are
+    batch means of the region-combined terms before their weights are applied; `*_per_sample` keep them
+    per image.
     """
 
     per_sample: torch.Tensor
@@ -53,6 +55,7 @@ class ReconstructionTerms:
     mse_per_sample: torch.Tensor
     perceptual_per_sample: torch.Tensor
     relevant_per_sample: torch.Tensor
+    asked_per_sample: torch.Tensor | None = None
 
 
 def region_means(per_pixel: torch.Tensor, relevance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +163,14 @@ class ReconstructionLoss(nn.Module):
         return relevant + self.region_lambda * irrelevant, relevant
 
     def forward(
-        self, recon: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor | None = None
+        self,
+        recon: torch.Tensor,
+        target: torch.Tensor,
+        relevance: torch.Tensor | None = None,
+        asked: torch.Tensor | None = None,
     ) -> ReconstructionTerms:
-        """Images [B,3,H,W] in [0,1]; relevance [B,1,H,W] (1 = relevant) or None for the whole image."""
+        """Images [B,3,H,W] in [0,1]; relevance [B,1,H,W] (1 = relevant) or None for the whole image; `asked`
+        [B,1,H,W], optional: other boxes to measure the relevant mean over as well (no effect on the loss)."""
         if recon.shape != target.shape or recon.ndim != 4:
             raise ValueError(
                 f"recon and target must be [B,C,H,W] of one shape, got {tuple(recon.shape)} and {tuple(target.shape)}"
@@ -173,10 +181,14 @@ class ReconstructionLoss(nn.Module):
             mse, mse_relevant = self.combine_regions(squared, relevance)
             per_sample = self.mse_weight * mse
             relevant = self.mse_weight * mse_relevant
+            asked_mean = None if asked is None else self.mse_weight * region_means(squared.detach(), asked)[0]
             if self.perceptual is not None:
-                perceptual, perceptual_relevant = self.combine_regions(self.perceptual(recon32, target32), relevance)
+                distance = self.perceptual(recon32, target32)
+                perceptual, perceptual_relevant = self.combine_regions(distance, relevance)
                 per_sample = per_sample + self.perceptual_weight * perceptual
                 relevant = relevant + self.perceptual_weight * perceptual_relevant
+                if asked is not None:
+                    asked_mean = asked_mean + self.perceptual_weight * region_means(distance.detach(), asked)[0]
             else:
                 perceptual = torch.zeros_like(mse)
         return ReconstructionTerms(
@@ -187,6 +199,7 @@ class ReconstructionLoss(nn.Module):
             mse_per_sample=mse,
             perceptual_per_sample=perceptual,
             relevant_per_sample=relevant,
+            asked_per_sample=asked_mean,
         )
 
     def length_judgement(self, terms: ReconstructionTerms, relevance: torch.Tensor | None) -> torch.Tensor:

@@ -440,18 +440,38 @@ class TokenizerTrainer:
 
     def _judgement_kinds(self, queries: list[str], device: torch.device) -> torch.Tensor:
         """Which running threshold judges each sample: with the paper's loss a sample with a question is judged
-        by its boxes' mean and gets the question threshold (see `LengthControl`); all others the whole-image one."""
+        by its boxes' mean and gets the question threshold; all others the whole-image one."""
         with_question = [bool(q) and self.config.region_loss == "paper" for q in queries]
         return torch.tensor(
             [LengthControl.QUESTION if q else LengthControl.WHOLE_IMAGE for q in with_question], device=device
         )
 
-    def _add_judgements(self, judged: torch.Tensor, kinds: torch.Tensor) -> None:
-        """Add one micro-batch's judged losses, per kind, to the optimizer step's totals."""
+    def _add_judgements(
+        self, judged: torch.Tensor, kinds: torch.Tensor, asked: torch.Tensor | None, dropped: list[bool]
+    ) -> None:
+        """Add one micro-batch's contributions to each threshold's history to the optimizer step's totals.
+
+        Whole images: their judged loss, the whole image's mean. Questions: NOT the judged loss of samples with
+        a question, but the error that whole-image reconstructions leave in a question's boxes, read off the
+        samples whose question was dropped (`asked`). A box mean and a whole-image mean are not on one scale
+        (a box sits on an object, a whole image is mostly background that any token reconstructs), and a
+        threshold made of questions' own losses would only rank questions against each other. This one asks
+        of each question what Q-DOVE promises: its tokens must reconstruct its boxes at least as well as a
+        reconstruction of the whole image does, and they may stop as soon as they do. Without dropped
+        questions in the history yet, questions are judged against their own batch mean.
+        """
         judged = judged.detach().float()
-        sums = torch.stack([judged[kinds == kind].sum() for kind in range(LengthControl.KINDS)])
-        counts = torch.stack([(kinds == kind).sum().float() for kind in range(LengthControl.KINDS)])
-        totals = torch.cat([sums, counts])
+        whole = kinds == LengthControl.WHOLE_IMAGE
+        sums = [judged[whole].sum()]
+        counts = [whole.sum().float()]
+        mask = torch.tensor(dropped, device=judged.device)
+        if asked is not None and bool(mask.any()):
+            sums.append(asked.detach().float()[mask].sum())
+            counts.append(mask.sum().float())
+        else:
+            sums.append(judged.new_zeros(()))
+            counts.append(judged.new_zeros(()))
+        totals = torch.cat([torch.stack(sums), torch.stack(counts)])
         self._judged_totals = totals if self._judged_totals is None else self._judged_totals + totals
 
     def _record_judgements(self) -> None:
@@ -503,8 +523,13 @@ class TokenizerTrainer:
         pixels = batch["pixels"].to(device)
         relevance = batch["relevance"].to(device)
         queries = list(batch["queries"])
+        asked = relevance  # each question's own boxes, also where the question is dropped below
         if self.with_queries:
+            asked_queries = queries
             queries, relevance = drop_queries(queries, relevance, config.query_drop_prob, generator=self.rng)
+            dropped = [bool(a) and not q and config.region_loss == "paper" for a, q in zip(asked_queries, queries)]
+        else:
+            dropped = [False] * len(queries)
         query = self.tokenizer.tokenize_queries(queries, pixels.shape[0])
         query_ids, query_mask = query if query is not None else (None, None)
         adversarial = config.adversarial_weight > 0 and self.step >= config.adversarial_start_step
@@ -512,7 +537,7 @@ class TokenizerTrainer:
         with accelerator.accumulate(self.train_model, self.disc_model):
             out = self.train_model(pixels, query_ids, query_mask, self._choose_lengths)
             recon = out["recon"]
-            rec = self.rec_loss(recon, pixels, relevance)
+            rec = self.rec_loss(recon, pixels, relevance, asked=asked if any(dropped) else None)
             total = rec.total
             logs = {"loss/reconstruction": rec.total.item(), "loss/mse": rec.mse.item()}
             if self.rec_loss.perceptual is not None:
@@ -579,7 +604,7 @@ class TokenizerTrainer:
                 logs["loss/discriminator"] = d_loss.item()
 
         if not full_length:
-            self._add_judgements(judged, kinds)
+            self._add_judgements(judged, kinds, rec.asked_per_sample, dropped)
         if self.length_control.threshold is not None:
             logs["length/threshold"] = float(self.length_control.threshold)
         question_tau = self.length_control.threshold_of(LengthControl.QUESTION)
