@@ -144,6 +144,11 @@ _TOKENIZER_COMMON: dict[str, Any] = {
     "freeze_vq_encoder": True,
     "latent_weight": 1.0,
     "adversarial_weight": 0.0,
+    # Q-DOVE: one weighted mean (outside the boxes at 0.1), each sample judged by it times the weighted area:
+    # on shapes this gave a larger spread of lengths with object count and shorter single-object queries
+    # than the paper's loss (docs/benchmarks.md, the method test with both).
+    "region_loss": "weighted_mean",
+    "region_lambda": 0.1,
     "length_weight_start": 0.01,
     # The EOS head shares the generator with the tokens: at weight 1 its loss outweighed reconstruction and
     # every token after the first carried nothing (latent error flat in the budget); at 0.1 they do.

@@ -1,4 +1,4 @@
-"""Training losses: LPIPS from given weights only, Q-DOVE region weighting, hinge GAN, length control."""
+"""Training losses: LPIPS from given weights only, Q-DOVE region losses, hinge GAN, length control."""
 
 from __future__ import annotations
 
@@ -121,29 +121,114 @@ def test_error_inside_the_relevant_region_costs_more():
     inside, outside = target.clone(), target.clone()
     inside[:, :, 1:5, 1:5] += 0.3
     outside[:, :, 10:14, 10:14] += 0.3
-    loss = ReconstructionLoss(region_lambda=0.1)
-    cost_inside = loss(inside, target, relevance).total
-    cost_outside = loss(outside, target, relevance).total
-    assert cost_inside > 5 * cost_outside > 0
-    plain = ReconstructionLoss(region_lambda=0.1)
-    assert torch.isclose(plain(inside, target).total, plain(outside, target).total)
+    for mode in ("paper", "weighted_mean"):
+        loss = ReconstructionLoss(region_lambda=0.1, region_loss=mode)
+        cost_inside = loss(inside, target, relevance).total
+        cost_outside = loss(outside, target, relevance).total
+        assert cost_inside > 5 * cost_outside > 0, mode
+        assert torch.isclose(loss(inside, target).total, loss(outside, target).total), mode
 
 
-def test_region_weighting_reduces_to_plain_loss():
+def test_paper_loss_is_the_relevant_mean_plus_lambda_times_the_irrelevant_mean():
+    torch.manual_seed(0)
+    recon, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    relevance = box_mask(2, 16, 5, 9, 3)  # 9 of 256 pixels
+    relevance[1] = 0
+    relevance[1, :, 0:2, 0:4] = 1  # another small box for the second image
+    squared = ((recon - target) ** 2).mean(dim=1)  # [B,H,W]
+    inside = relevance[:, 0].bool()
+    by_hand_rel = torch.stack([squared[b][inside[b]].mean() for b in range(2)])
+    by_hand_irr = torch.stack([squared[b][~inside[b]].mean() for b in range(2)])
+    terms = ReconstructionLoss(region_lambda=0.25)(recon, target, relevance)
+    assert torch.allclose(terms.per_sample, by_hand_rel + 0.25 * by_hand_irr, rtol=1e-6)
+    assert torch.allclose(terms.relevant_per_sample, by_hand_rel, rtol=1e-6)
+    assert torch.isclose(terms.total, (by_hand_rel + 0.25 * by_hand_irr).mean(), rtol=1e-6)
+    # the paper's lambda, and the loss's defaults
+    default = ReconstructionLoss()
+    assert default.region_loss == "paper" and default.region_lambda == 1e-10
+    terms = default(recon, target, relevance)
+    assert torch.allclose(terms.per_sample, by_hand_rel + 1e-10 * by_hand_irr, rtol=1e-6)
+
+
+def test_with_the_papers_lambda_the_outside_of_the_box_hardly_counts():
+    torch.manual_seed(0)
+    target = torch.rand(1, 3, 32, 32)
+    recon = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    relevance = box_mask(1, 32, 4, 20, 5)
+    loss = ReconstructionLoss(region_lambda=1e-10)
+    base = loss(recon, target, relevance).total
+    changed = torch.where(relevance.bool(), recon, 1.0 - target)  # the worst possible outside the box
+    assert (loss(changed, target, relevance).total - base).abs().item() < 1e-8
+    assert (ReconstructionLoss()(changed, target).total - ReconstructionLoss()(recon, target).total) > 0.1
+    worse_inside = torch.where(relevance.bool(), recon + 0.1, recon)
+    assert (loss(worse_inside, target, relevance).total - base).item() > 1e-3
+
+
+def test_a_question_free_image_is_wholly_relevant():
+    torch.manual_seed(0)
+    recon, target = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    plain_mean = ((recon - target) ** 2).mean(dim=(1, 2, 3))
+    for mode in ("paper", "weighted_mean"):
+        loss = ReconstructionLoss(region_loss=mode)
+        for relevance in (None, torch.ones(3, 1, 16, 16)):  # no question, or a dropped one (all-ones mask)
+            terms = loss(recon, target, relevance)
+            assert torch.allclose(terms.per_sample, plain_mean, rtol=1e-6), mode
+            assert torch.allclose(terms.relevant_per_sample, plain_mean, rtol=1e-6), mode
+            assert torch.allclose(loss.length_judgement(terms, relevance), plain_mean, rtol=1e-6), mode
+    # every box cropped away: the image counts as wholly relevant rather than dividing by zero
+    empty = ReconstructionLoss()(recon, target, torch.zeros(3, 1, 16, 16))
+    assert torch.allclose(empty.per_sample, plain_mean, rtol=1e-6)
+
+
+def test_length_is_judged_by_the_boxes_own_mean():
+    target = torch.full((2, 3, 20, 20), 0.5)
+    relevance = box_mask(2, 20, 0, 0, 4)  # 4% of the image
+    relevance[1] = 1  # the second image's question was dropped
+    recon = target.clone()
+    recon[:, :, 0:4, 0:4] += 0.2  # the same error inside the box for both: 0.04 per pixel there
+    loss = ReconstructionLoss()
+    terms = loss(recon, target, relevance)
+    judged = loss.length_judgement(terms, relevance)
+    assert judged[0].item() == pytest.approx(0.04, rel=1e-5)  # the box's mean, not times its 4% area
+    assert judged[1].item() == pytest.approx(0.04 * 16 / 400, rel=1e-5)  # the whole image's mean
+    # the alternative scales by the weighted area: a small box then looks 25x better than its pixels are
+    old = ReconstructionLoss(region_lambda=0.1, region_loss="weighted_mean")
+    old_judged = old.length_judgement(old(recon, target, relevance), relevance)
+    assert old_judged[0].item() == pytest.approx(0.04 * 16 / 400, rel=1e-5)
+    with pytest.raises(ValueError, match="region_loss"):
+        ReconstructionLoss(region_loss="sum")
+
+
+def test_asked_boxes_are_measured_without_changing_the_loss():
+    torch.manual_seed(0)
+    recon, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    asked = box_mask(2, 16, 3, 3, 4)  # the question's boxes; its question was dropped, so all is relevant
+    loss = ReconstructionLoss()
+    plain = loss(recon, target, torch.ones(2, 1, 16, 16))
+    measured = loss(recon, target, torch.ones(2, 1, 16, 16), asked=asked)
+    assert plain.asked_per_sample is None
+    assert torch.equal(measured.per_sample, plain.per_sample)
+    squared = ((recon - target) ** 2).mean(dim=1)
+    by_hand = torch.stack([squared[b, 3:7, 3:7].mean() for b in range(2)])
+    assert torch.allclose(measured.asked_per_sample, by_hand, rtol=1e-6)
+
+
+def test_weighted_mean_reduces_to_plain_loss():
     torch.manual_seed(0)
     recon, target = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
     relevance = box_mask(3, 16, 2, 3, 7)
     plain = ReconstructionLoss()(recon, target)
     assert torch.allclose(plain.total, torch.mean((recon - target) ** 2))
-    assert torch.allclose(ReconstructionLoss(region_lambda=1.0)(recon, target, relevance).per_sample, plain.per_sample)
-    assert torch.allclose(ReconstructionLoss()(recon, target, torch.ones(3, 1, 16, 16)).per_sample, plain.per_sample)
+    weighted = {"region_loss": "weighted_mean"}
+    full = ReconstructionLoss(region_lambda=1.0, **weighted)(recon, target, relevance)
+    assert torch.allclose(full.per_sample, plain.per_sample)
     # a uniform error costs the same with any mask: the normalisation keeps the scale of the plain loss
-    uniform = ReconstructionLoss(region_lambda=0.1)(target + 0.1, target, relevance)
+    uniform = ReconstructionLoss(region_lambda=0.1, **weighted)(target + 0.1, target, relevance)
     assert torch.allclose(uniform.per_sample, torch.full((3,), 0.01), atol=1e-6)
     # a mask at a coarser resolution is resized, and lambda 0 with an empty mask falls back to the plain mean
-    coarse = ReconstructionLoss()(recon, target, relevance[:, :, ::2, ::2])
+    coarse = ReconstructionLoss(**weighted)(recon, target, relevance[:, :, ::2, ::2])
     assert coarse.per_sample.shape == (3,)
-    empty = ReconstructionLoss(region_lambda=0.0)(recon, target, torch.zeros(3, 1, 16, 16))
+    empty = ReconstructionLoss(region_lambda=0.0, **weighted)(recon, target, torch.zeros(3, 1, 16, 16))
     assert torch.allclose(empty.per_sample, plain.per_sample)
 
 
@@ -264,6 +349,8 @@ def test_length_control_threshold_weight_and_state():
     assert control.weight_at(50) == pytest.approx(0.11)
     assert control.weight_at(100) == pytest.approx(0.21)
     assert control.weight_at(10_000) == pytest.approx(0.21)
+    late = LengthControl(weight_start=0.01, weight_max=0.21, ramp_steps=100, start_step=400)
+    assert [late.weight_at(s) for s in (0, 400, 450, 500)] == pytest.approx([0.01, 0.01, 0.11, 0.21])
     logits, lengths = torch.randn(4, 8), torch.tensor([1, 3, 5, 8])
     rec = torch.tensor([0.1, 0.2, 0.3, 0.4])
     assert control.loss(logits, lengths, rec, 100) / control.loss(logits, lengths, rec, 0) == pytest.approx(21.0)
@@ -285,6 +372,40 @@ def test_length_control_threshold_weight_and_state():
     assert torch.equal(resumed.loss(logits, lengths, rec, 7), control.loss(logits, lengths, rec, 7))
     with pytest.raises(ValueError, match="lengths must lie in"):
         control.loss(logits, torch.tensor([0, 3, 5, 9]), rec, 0)
+
+
+def test_length_control_judges_each_kind_against_its_own_threshold():
+    control = LengthControl(history=4, weight_start=1.0, weight_max=1.0)
+    whole, question = LengthControl.WHOLE_IMAGE, LengthControl.QUESTION
+    control.update(0.01, kind=whole)  # whole images: mostly easy background
+    control.update(0.2, kind=question)  # boxes: objects only
+    assert control.threshold == control.threshold_of(whole) == pytest.approx(0.01)
+    assert control.threshold_of(question) == pytest.approx(0.2)
+    logits = torch.zeros(4, 6, requires_grad=True)
+    lengths = torch.tensor([3, 3, 3, 3])
+    rec = torch.tensor([0.005, 0.05, 0.1, 0.3])
+    kinds = torch.tensor([whole, whole, question, question])
+    control.loss(logits, lengths, rec, step=0, kinds=kinds).backward()
+    good = logits.grad[:, 2] < 0  # a good sample's end position is pushed up
+    assert good.tolist() == [True, False, True, False]
+    # without kinds every sample meets the whole-image threshold, and both boxes count as bad
+    plain = torch.zeros(4, 6, requires_grad=True)
+    control.loss(plain, lengths, rec, step=0).backward()
+    assert (plain.grad[:, 2] < 0).tolist() == [True, False, False, False]
+    # a kind without history is judged against its own batch mean
+    fresh = LengthControl(weight_start=1.0, weight_max=1.0)
+    first = torch.zeros(4, 6, requires_grad=True)
+    fresh.loss(first, lengths, rec, step=0, kinds=kinds).backward()
+    assert (first.grad[:, 2] < 0).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="kinds"):
+        control.loss(logits, lengths, rec, step=0, kinds=torch.tensor([0, 1, 2, 0]))
+    state = json.loads(json.dumps(control.state_dict()))
+    resumed = LengthControl(history=4)
+    resumed.load_state_dict(state)
+    assert resumed.recorded_of(question) == [0.2] and resumed.recorded == [0.01]
+    older = LengthControl(history=4)
+    older.load_state_dict({"history": 4, "losses": [0.5], "skipped": 0})  # saved before kinds existed
+    assert older.threshold == 0.5 and older.threshold_of(question) is None
 
 
 def test_sample_training_lengths():
@@ -328,3 +449,35 @@ def test_drop_queries_blanks_query_and_relevance_together_and_replays_with_its_s
     assert queries[0] == "q0" and relevance.sum() == 64 * 4, "the inputs are left alone"
     again, _ = drop_queries(queries, relevance, p=0.5, generator=torch.Generator().manual_seed(0))
     assert again == kept
+
+
+# ---- the EOS head's start ------------------------------------------------------------------------------
+
+
+def test_a_fresh_tokenizer_starts_at_the_full_length():
+    from tokenizer import DoveTokenizer
+
+    torch.manual_seed(0)
+    model = DoveTokenizer.from_preset("dove-tiny").eval()
+    images = torch.rand(4, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        encoding = model.encode(images, queries=["is there a red circle?", None, "", "how many squares?"])
+    assert encoding.lengths.tolist() == [model.max_tokens] * 4
+    assert float(encoding.eos_probs.max()) < model.config.eos_threshold
+
+
+@pytest.mark.slow
+def test_the_full_presets_generator_starts_at_the_full_length():
+    from tokenizer.generator import TokenGenerator, initial_eos_bias
+    from tokenizer.presets import preset_config
+
+    config = preset_config("dove-pythia70m-amused256")
+    torch.manual_seed(0)
+    generator = TokenGenerator(config).eval()  # the 70M generator alone; the VQ plays no part in the EOS head
+    latents = torch.randn(2, config.latent_channels, config.grid_size, config.grid_size)
+    with torch.no_grad():
+        _, eos_logits = generator(latents, torch.randint(0, 1000, (2, 7)))
+    lengths = lengths_from_eos(torch.sigmoid(eos_logits), config.eos_threshold, config.min_tokens)
+    assert lengths.tolist() == [config.max_tokens] * 2
+    assert initial_eos_bias(256, 0.5) == pytest.approx(-5.54, abs=0.01)  # end probability 1/N
+    assert initial_eos_bias(8, 0.05) < torch.logit(torch.tensor(0.05)).item()  # always below the threshold

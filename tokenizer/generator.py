@@ -31,6 +31,19 @@ def sinusoidal_encoding(length: int, dim: int, device: torch.device | None = Non
     return table
 
 
+def initial_eos_bias(max_tokens: int, threshold: float) -> float:
+    """The EOS logit a fresh head gives every position: end probability 1/N, and below the threshold.
+
+    With the head's weights at zero every position reads this bias, so nothing passes the threshold and
+    every image starts at all N tokens. How far below matters little for learning: a sample that beats
+    the length-control threshold pushes its logit up with gradient 1 - sigmoid(bias), close to 1 for any
+    negative bias, and the zero weights start learning from the first step. 1/N keeps the EOS
+    probabilities summed over the sequence near 1; the bias is in any case at least one logit below the
+    threshold's.
+    """
+    return min(math.log(1.0 / max(max_tokens - 1, 1)), math.log(threshold / (1.0 - threshold)) - 1.0)
+
+
 class TokenGenerator(nn.Module):
     def __init__(self, config: DoveConfig, backbone: GPTNeoXModel | None = None) -> None:
         super().__init__()
@@ -52,6 +65,10 @@ class TokenGenerator(nn.Module):
         nn.init.zeros_(self.timestep_proj[-1].bias)
         self.token_head = nn.Linear(hidden, config.token_dim)
         self.eos_head = nn.Linear(hidden, 1)
+        # A fresh tokenizer ends at N: a randomly initialised head ends wherever its noise first passes the
+        # threshold (at 1 token for dove-tiny), and half of each early batch then trains at that length.
+        nn.init.zeros_(self.eos_head.weight)
+        nn.init.constant_(self.eos_head.bias, initial_eos_bias(config.max_tokens, config.eos_threshold))
 
     def embed_query(self, query_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(query_ids)

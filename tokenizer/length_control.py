@@ -26,11 +26,11 @@ class LengthControl:
     For a batch with EOS logits s_{b,i} (position i = 1..N), reconstruction lengths L_b and per-sample
     reconstruction losses r_b (at length L_b):
 
-        tau        = mean of the last `history` batch-mean losses (the current batch's mean before any)
+        tau        = mean of the last `history` batch-mean losses of b's kind (this batch's before any)
         good_b     = [r_b <= tau]
         l_b        = BCE(s_{b,L_b}, 1)                              if good_b   (end here: L_b was enough)
                    = (1 / L_b) * sum_{i=1..L_b} BCE(s_{b,i}, 0)     otherwise  (do not end at or before L_b)
-        w(step)    = weight_start + (weight_max - weight_start) * min(1, step / ramp_steps)
+        w(step)    = weight_start + (weight_max - weight_start) * min(1, (step - start_step) / ramp_steps)
         loss       = w(step) * (1 / B) * sum_b l_b
 
     with BCE(s, y) = -y log sigmoid(s) - (1 - y) log(1 - sigmoid(s)). r_b and tau carry no gradient.
@@ -42,14 +42,31 @@ class LengthControl:
     likely good enough; a complex image needs more tokens before it beats tau, so it gets a longer
     sequence. As the tokenizer improves tau falls, which keeps asking for better reconstructions rather
     than settling. A bad sample's positions are averaged so each sample casts one vote whatever its length;
-    the weight starts tiny because early losses say nothing yet about what each image needs.
+    the weight starts tiny because early losses say nothing yet about what each image needs, and its ramp
+    counts from `start_step`, the first step length control runs (after any warm-up phases), so it is not
+    spent before there is anything to ramp.
+
+    Samples may come in `KINDS` kinds, each judged against its own history (kind `WHOLE_IMAGE` or
+    `QUESTION`): Q-DOVE judges a sample with a question by its boxes' mean loss and one without by the
+    whole image's, and the two are not on one scale (a box sits on an object, a whole image is mostly
+    background). What each history records is the caller's choice; the training loop records, for
+    questions, the error whole-image reconstructions leave in the boxes (see `TokenizerTrainer`).
 
     Under DDP, pass every rank the same (all-reduced) batch mean to `update`, so all ranks share tau and
     the saved state.
     """
 
+    WHOLE_IMAGE = 0
+    QUESTION = 1
+    KINDS = 2
+
     def __init__(
-        self, history: int = 100, weight_start: float = 1e-4, weight_max: float = 0.1, ramp_steps: int = 1000
+        self,
+        history: int = 100,
+        weight_start: float = 1e-4,
+        weight_max: float = 0.1,
+        ramp_steps: int = 1000,
+        start_step: int = 0,
     ) -> None:
         if history < 1:
             raise ValueError(f"length-control history must be >= 1 steps, got {history}")
@@ -57,31 +74,50 @@ class LengthControl:
             raise ValueError(f"length-control weights must be >= 0, got start={weight_start}, max={weight_max}")
         if ramp_steps < 0:
             raise ValueError(f"length-control ramp_steps must be >= 0, got {ramp_steps}")
+        if start_step < 0:
+            raise ValueError(f"length-control start_step must be >= 0, got {start_step}")
         self.history = int(history)
         self.weight_start = float(weight_start)
         self.weight_max = float(weight_max)
         self.ramp_steps = int(ramp_steps)
-        self._losses: deque[float] = deque(maxlen=self.history)
+        self.start_step = int(start_step)
+        self._histories: tuple[deque[float], ...] = tuple(deque(maxlen=self.history) for _ in range(self.KINDS))
         self.skipped = 0
 
     @property
     def threshold(self) -> float | None:
-        """tau: the mean of the recorded batch losses, or None before the first `update`."""
-        return math.fsum(self._losses) / len(self._losses) if self._losses else None
+        """tau of whole images (every sample, without Q-DOVE): the mean of its recorded losses, or None."""
+        return self.threshold_of(self.WHOLE_IMAGE)
+
+    def threshold_of(self, kind: int) -> float | None:
+        """tau of one kind of sample, or None before its first `update`."""
+        losses = self._histories[kind]
+        return math.fsum(losses) / len(losses) if losses else None
 
     @property
     def recorded(self) -> list[float]:
-        return list(self._losses)
+        return list(self._histories[self.WHOLE_IMAGE])
+
+    def recorded_of(self, kind: int) -> list[float]:
+        return list(self._histories[kind])
 
     def weight_at(self, step: int) -> float:
-        """w(step) = weight_start + (weight_max - weight_start) * min(1, step / ramp_steps)."""
-        progress = 1.0 if self.ramp_steps == 0 else min(1.0, max(0, step) / self.ramp_steps)
+        """w(step) = weight_start + (weight_max - weight_start) * min(1, (step - start_step) / ramp_steps)."""
+        progress = 1.0 if self.ramp_steps == 0 else min(1.0, max(0, step - self.start_step) / self.ramp_steps)
         return self.weight_start + (self.weight_max - self.weight_start) * progress
 
     def loss(
-        self, eos_logits: torch.Tensor, lengths: torch.Tensor, rec_per_sample: torch.Tensor, step: int
+        self,
+        eos_logits: torch.Tensor,
+        lengths: torch.Tensor,
+        rec_per_sample: torch.Tensor,
+        step: int,
+        kinds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """EOS logits [B,N], 1-based lengths [B] the batch was reconstructed at, losses [B] -> scalar (fp32)."""
+        """EOS logits [B,N], 1-based lengths [B] the batch was reconstructed at, losses [B] -> scalar (fp32).
+
+        `kinds` [B] (default: all `WHOLE_IMAGE`) picks each sample's tau.
+        """
         if eos_logits.ndim != 2:
             raise ValueError(f"eos_logits must be [B,N], got {tuple(eos_logits.shape)}")
         batch, max_tokens = eos_logits.shape
@@ -94,8 +130,7 @@ class LengthControl:
         if bool(((lengths < 1) | (lengths > max_tokens)).any()):
             raise ValueError(f"lengths must lie in [1, {max_tokens}], got {lengths.tolist()}")
         losses = rec_per_sample.detach().float().to(eos_logits.device)
-        tau = self.threshold if self._losses else losses.mean()
-        good = losses <= tau
+        good = losses <= self._thresholds(losses, self._kinds(kinds, batch, losses.device))
 
         logits = eos_logits.float()
         positions = torch.arange(1, max_tokens + 1, device=logits.device).unsqueeze(0)
@@ -108,8 +143,27 @@ class LengthControl:
         per_sample = torch.where(good, good_term, bad_term)
         return self.weight_at(step) * per_sample.mean()
 
-    def update(self, rec_batch_mean: float | torch.Tensor) -> None:
-        """Record a batch-mean reconstruction loss (after `loss`, so a batch is not judged against itself).
+    def _kinds(self, kinds: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if kinds is None:
+            return torch.full((batch,), self.WHOLE_IMAGE, dtype=torch.long, device=device)
+        kinds = kinds.to(device).long()
+        if kinds.shape != (batch,) or bool(((kinds < 0) | (kinds >= self.KINDS)).any()):
+            raise ValueError(f"kinds must be [B={batch}] with values in [0, {self.KINDS}), got {kinds.tolist()}")
+        return kinds
+
+    def _thresholds(self, losses: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """tau per sample: its kind's history, or the mean of its kind in this batch before any."""
+        taus = torch.empty_like(losses)
+        for kind in range(self.KINDS):
+            members = kinds == kind
+            if bool(members.any()):
+                tau = self.threshold_of(kind)
+                taus[members] = losses[members].mean() if tau is None else tau
+        return taus
+
+    def update(self, rec_batch_mean: float | torch.Tensor, kind: int = WHOLE_IMAGE) -> None:
+        """Record a batch-mean reconstruction loss of one kind (after `loss`, so a batch is not judged
+        against itself).
 
         Non-finite values (an fp16 overflow step) are skipped and counted: one would poison tau for
         `history` steps.
@@ -121,19 +175,27 @@ class LengthControl:
             self.skipped += 1
             warnings.warn(f"length control skipped a non-finite reconstruction loss ({value})", stacklevel=2)
             return
-        self._losses.append(value)
+        self._histories[kind].append(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "losses": list(self._losses), "skipped": self.skipped}
+        return {
+            "history": self.history,
+            "losses": self.recorded,
+            "question_losses": self.recorded_of(self.QUESTION),
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the recorded losses exactly (the most recent `history` of them if the size changed)."""
         if not isinstance(state, dict) or "losses" not in state:
             raise ValueError("length-control state must be a dict with a 'losses' list (from LengthControl.state_dict)")
-        losses = state["losses"]
-        if not isinstance(losses, (list, tuple)) or not all(isinstance(v, (int, float)) for v in losses):
-            raise ValueError(f"length-control state 'losses' must be a list of numbers, got {type(losses).__name__}")
-        self._losses = deque((float(v) for v in losses), maxlen=self.history)
+        histories = []
+        for key in ("losses", "question_losses"):
+            losses = state.get(key, [])
+            if not isinstance(losses, (list, tuple)) or not all(isinstance(v, (int, float)) for v in losses):
+                raise ValueError(f"length-control state {key!r} must be a list of numbers, got {type(losses).__name__}")
+            histories.append(deque((float(v) for v in losses), maxlen=self.history))
+        self._histories = tuple(histories)
         self.skipped = int(state.get("skipped", 0))
 
 

@@ -1,9 +1,15 @@
 """Reconstruction losses for DOVE / Q-DOVE training, and the query dropping Q-DOVE trains with.
 
-Q-DOVE asks the tokenizer to spend its tokens on what a question is about. The loss therefore weighs
-each pixel by its relevance: 1 inside the union of the question's boxes, a small lambda elsewhere.
-Normalising by the sum of the weights keeps the value on the scale of the plain loss, so the length
-control's running threshold means the same thing with and without queries.
+Q-DOVE asks the tokenizer to spend its tokens on what a question is about. The paper's loss splits each
+image into the query-relevant region (the union of the question's boxes) and the rest, and takes each
+region's own per-pixel mean:
+
+    L = L_rel + lambda * L_irr            (lambda = 1e-10 in the paper)
+
+so a small box counts as much as a large one, and the rest of the image is all but ignored. An image
+without a question is wholly relevant: L is then the plain mean. `region_loss="weighted_mean"` keeps the
+alternative of one mean under per-pixel weights (1 inside the boxes, lambda outside), normalised by the
+weights' sum.
 """
 
 from __future__ import annotations
@@ -18,21 +24,28 @@ from torch import nn
 from .perceptual import PERCEPTUAL_WEIGHTS_HINT, PerceptualLoss
 
 __all__ = [
+    "REGION_LOSSES",
     "PerceptualLoss",
     "ReconstructionLoss",
     "ReconstructionTerms",
     "drop_queries",
+    "region_means",
     "region_weighted_mean",
 ]
+
+REGION_LOSSES = ("paper", "weighted_mean")
 
 
 @dataclass
 class ReconstructionTerms:
     """One batch's reconstruction loss, split for logging.
 
-    `per_sample` [B] is the weighted total per image (what length control compares with its threshold);
-    `total` is its mean, the term to optimise. `mse` and `perceptual` are batch means of the region-weighted
-    terms before their weights are applied; `*_per_sample` keep them per image.
+    `per_sample` [B] is the weighted total per image and `total` its mean, the term to optimise.
+    `relevant_per_sample` [B] is the same weighted sum of MSE and LPIPS over the relevant region alone (the
+    whole image without a question): what length control judges. `asked_per_sample` is the same over the
+    boxes of `asked` (a question's boxes even where it was dropped), when given. `mse` and `perceptual` are
+    batch means of the region-combined terms before their weights are applied; `*_per_sample` keep them
+    per image.
     """
 
     per_sample: torch.Tensor
@@ -41,6 +54,27 @@ class ReconstructionTerms:
     total: torch.Tensor
     mse_per_sample: torch.Tensor
     perceptual_per_sample: torch.Tensor
+    relevant_per_sample: torch.Tensor
+    asked_per_sample: torch.Tensor | None = None
+
+
+def region_means(per_pixel: torch.Tensor, relevance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,1,H,W] map -> ([B] mean over the relevant pixels, [B] mean over the others).
+
+    Each region's mean is over its own pixels, so the relevant term does not shrink with the box. An image
+    whose mask has no relevant pixel (every box cropped away) is treated as wholly relevant, like an image
+    without a question, rather than dividing by zero; an image with no irrelevant pixel has 0 there.
+    """
+    if relevance is None:
+        return per_pixel.mean(dim=(1, 2, 3)), per_pixel.new_zeros(per_pixel.shape[0])
+    relevant = _resized_relevance(relevance, per_pixel.shape).to(per_pixel.dtype)
+    inside = relevant.sum(dim=(1, 2, 3), keepdim=True)
+    relevant = torch.where(inside > 0, relevant, torch.ones_like(relevant))
+    irrelevant = 1.0 - relevant
+    rel = (per_pixel * relevant).sum(dim=(1, 2, 3)) / relevant.sum(dim=(1, 2, 3))
+    outside = irrelevant.sum(dim=(1, 2, 3))
+    irr = (per_pixel * irrelevant).sum(dim=(1, 2, 3)) / outside.clamp(min=1e-12)
+    return rel, torch.where(outside > 0, irr, torch.zeros_like(irr))
 
 
 def region_weighted_mean(per_pixel: torch.Tensor, relevance: torch.Tensor | None, region_lambda: float) -> torch.Tensor:
@@ -58,8 +92,8 @@ def region_weighted_mean(per_pixel: torch.Tensor, relevance: torch.Tensor | None
     return (per_pixel * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
 
 
-def relevance_weights(relevance: torch.Tensor, shape: torch.Size, region_lambda: float) -> torch.Tensor:
-    """Relevance [B,1,h,w] or [B,h,w] in [0,1] -> per-pixel weights [B,1,H,W] matching `shape`."""
+def _resized_relevance(relevance: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Relevance [B,1,h,w] or [B,h,w] in [0,1] -> [B,1,H,W] fp32 matching `shape` (nearest resize)."""
     if relevance.ndim == 3:
         relevance = relevance.unsqueeze(1)
     batch, _, height, width = shape
@@ -68,12 +102,20 @@ def relevance_weights(relevance: torch.Tensor, shape: torch.Size, region_lambda:
     relevance = relevance.float()
     if relevance.shape[-2:] != (height, width):
         relevance = F.interpolate(relevance, size=(height, width), mode="nearest")
+    return relevance
+
+
+def relevance_weights(relevance: torch.Tensor, shape: torch.Size, region_lambda: float) -> torch.Tensor:
+    """Relevance [B,1,h,w] or [B,h,w] in [0,1] -> per-pixel weights [B,1,H,W] matching `shape`."""
+    relevance = _resized_relevance(relevance, shape)
     return relevance + region_lambda * (1.0 - relevance)
 
 
 class ReconstructionLoss(nn.Module):
-    """mse_weight * MSE + perceptual_weight * LPIPS, each region-weighted per image, in fp32.
+    """mse_weight * MSE + perceptual_weight * LPIPS, each combined over the Q-DOVE regions per image, in fp32.
 
+    `region_loss="paper"`: L_rel + region_lambda * L_irr, each a mean over its own pixels.
+    `region_loss="weighted_mean"`: one mean under weights 1 (relevant) and region_lambda (the rest).
     With `perceptual_weight` 0 no perceptual network is needed or built. A positive weight needs a
     `PerceptualLoss` (or the path / hub id of its VGG16 weights); without one this refuses to start rather
     than train on a different objective than the one asked for.
@@ -84,7 +126,8 @@ class ReconstructionLoss(nn.Module):
         mse_weight: float = 1.0,
         perceptual_weight: float = 0.0,
         perceptual: PerceptualLoss | str | os.PathLike | None = None,
-        region_lambda: float = 0.1,
+        region_lambda: float = 1e-10,
+        region_loss: str = "paper",
     ) -> None:
         super().__init__()
         if mse_weight < 0 or perceptual_weight < 0:
@@ -93,9 +136,12 @@ class ReconstructionLoss(nn.Module):
             )
         if not 0.0 <= region_lambda <= 1.0:
             raise ValueError(f"region_lambda must lie in [0, 1], got {region_lambda}")
+        if region_loss not in REGION_LOSSES:
+            raise ValueError(f"region_loss must be one of {REGION_LOSSES}, got {region_loss!r}")
         self.mse_weight = float(mse_weight)
         self.perceptual_weight = float(perceptual_weight)
         self.region_lambda = float(region_lambda)
+        self.region_loss = region_loss
         if self.perceptual_weight > 0:
             if perceptual is None:
                 raise ValueError(
@@ -107,10 +153,24 @@ class ReconstructionLoss(nn.Module):
         else:
             self.perceptual = None
 
+    def combine_regions(
+        self, per_pixel: torch.Tensor, relevance: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,1,H,W] -> (the region-combined loss [B], the relevant region's mean [B])."""
+        relevant, irrelevant = region_means(per_pixel, relevance)
+        if self.region_loss == "weighted_mean":
+            return region_weighted_mean(per_pixel, relevance, self.region_lambda), relevant
+        return relevant + self.region_lambda * irrelevant, relevant
+
     def forward(
-        self, recon: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor | None = None
+        self,
+        recon: torch.Tensor,
+        target: torch.Tensor,
+        relevance: torch.Tensor | None = None,
+        asked: torch.Tensor | None = None,
     ) -> ReconstructionTerms:
-        """Images [B,3,H,W] in [0,1]; relevance [B,1,H,W] (1 = relevant) or None for the whole image."""
+        """Images [B,3,H,W] in [0,1]; relevance [B,1,H,W] (1 = relevant) or None for the whole image; `asked`
+        [B,1,H,W], optional: other boxes to measure the relevant mean over as well (no effect on the loss)."""
         if recon.shape != target.shape or recon.ndim != 4:
             raise ValueError(
                 f"recon and target must be [B,C,H,W] of one shape, got {tuple(recon.shape)} and {tuple(target.shape)}"
@@ -118,11 +178,17 @@ class ReconstructionLoss(nn.Module):
         with torch.autocast(device_type=recon.device.type, enabled=False):
             recon32, target32 = recon.float(), target.float()
             squared = (recon32 - target32).pow(2).mean(dim=1, keepdim=True)
-            mse = region_weighted_mean(squared, relevance, self.region_lambda)
+            mse, mse_relevant = self.combine_regions(squared, relevance)
             per_sample = self.mse_weight * mse
+            relevant = self.mse_weight * mse_relevant
+            asked_mean = None if asked is None else self.mse_weight * region_means(squared.detach(), asked)[0]
             if self.perceptual is not None:
-                perceptual = region_weighted_mean(self.perceptual(recon32, target32), relevance, self.region_lambda)
+                distance = self.perceptual(recon32, target32)
+                perceptual, perceptual_relevant = self.combine_regions(distance, relevance)
                 per_sample = per_sample + self.perceptual_weight * perceptual
+                relevant = relevant + self.perceptual_weight * perceptual_relevant
+                if asked is not None:
+                    asked_mean = asked_mean + self.perceptual_weight * region_means(distance.detach(), asked)[0]
             else:
                 perceptual = torch.zeros_like(mse)
         return ReconstructionTerms(
@@ -132,7 +198,28 @@ class ReconstructionLoss(nn.Module):
             total=per_sample.mean(),
             mse_per_sample=mse,
             perceptual_per_sample=perceptual,
+            relevant_per_sample=relevant,
+            asked_per_sample=asked_mean,
         )
+
+    def length_judgement(self, terms: ReconstructionTerms, relevance: torch.Tensor | None) -> torch.Tensor:
+        """What length control compares with its running threshold, per sample [B].
+
+        With the paper's loss: the relevant region's own per-pixel mean (MSE, plus LPIPS when weighted in),
+        i.e. the boxes' mean for a question and the whole image's mean without one. Neither is scaled by
+        the region's area: a value that shrank with the box would make every small-box sample count as good
+        and every whole image as bad, whatever either holds. The irrelevant region takes no part: the
+        question is whether the tokens were enough for what was asked. (The training loop compares samples
+        with and without a question against separate running thresholds; see `LengthControl`.)
+
+        With `region_loss="weighted_mean"`: the weighted mean times the weighted area fraction (1 without
+        a question), all samples against one threshold.
+        """
+        if self.region_loss == "paper" or relevance is None:
+            return terms.relevant_per_sample
+        shape = torch.Size((terms.per_sample.shape[0], 1, *relevance.shape[-2:]))
+        area = relevance_weights(relevance, shape, self.region_lambda).mean(dim=(1, 2, 3))
+        return terms.per_sample * area.to(terms.per_sample.dtype)
 
 
 def drop_queries(

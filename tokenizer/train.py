@@ -51,7 +51,7 @@ from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hing
 from .hub import remove_saved_files
 from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
-from .losses import ReconstructionLoss, drop_queries, relevance_weights
+from .losses import ReconstructionLoss, drop_queries
 from .modeling import WEIGHTS_NAME, DoveTokenizer
 from .sampler import ResumableSampler
 from .training_config import ModelSpec, TrainConfig, TrainingSetup
@@ -170,6 +170,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_cosine_from(step: int, start_step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """`warmup_cosine` for a part that starts training at `start_step` (the discriminator): 0 before it, then
+    the warm-up from its first step and the cosine over the steps left. Counted from step 0 instead, a part
+    starting late would skip its warm-up and begin part-way down the decay."""
+    if step < start_step:
+        return 0.0
+    return warmup_cosine(step - start_step, warmup_steps, max(1, total_steps - start_step), min_ratio)
+
+
 @torch.no_grad()
 def init_codebook_from_data(tokenizer: DoveTokenizer, pixels: torch.Tensor, seed: int) -> int:
     """Reset the VQ codebook to randomly chosen encoder outputs of real images; returns the number of codes.
@@ -269,12 +278,14 @@ class TokenizerTrainer:
             perceptual_weight=config.perceptual_weight,
             perceptual=config.perceptual_weights,
             region_lambda=config.region_lambda,
+            region_loss=config.region_loss,
         )
         self.length_control = LengthControl(
             history=config.length_history,
             weight_start=config.length_weight_start,
             weight_max=config.length_weight_max,
             ramp_steps=config.length_ramp_steps,
+            start_step=config.vq_warmup_steps + config.full_length_steps,  # the first step with length control
         )
         betas = (config.adam_beta1, config.adam_beta2)
         gen_optimizer = torch.optim.AdamW(parameter_groups(tokenizer, config), betas=betas)
@@ -286,7 +297,11 @@ class TokenizerTrainer:
         )
         # Not passed through accelerator.prepare: its scheduler wrapper steps once per process per call.
         self.gen_schedule = torch.optim.lr_scheduler.LambdaLR(gen_optimizer, schedule)
-        self.disc_schedule = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, schedule)
+        disc_schedule = partial(
+            warmup_cosine_from, start_step=config.adversarial_start_step, warmup_steps=config.warmup_steps,
+            total_steps=config.max_steps, min_ratio=config.min_lr_ratio,
+        )  # fmt: skip
+        self.disc_schedule = torch.optim.lr_scheduler.LambdaLR(disc_optimizer, disc_schedule)
         self.sampler = ResumableSampler(
             len(self.dataset), seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
         )
@@ -304,6 +319,7 @@ class TokenizerTrainer:
         self.skipped_images = 0
         self.images_seen = 0
         self.resumed_from: Path | None = None
+        self._judged_totals: torch.Tensor | None = None  # this optimizer step's judged losses (see `_add_judgements`)
 
         checkpoint = self._find_checkpoint(resume)
         if checkpoint is None and config.codebook_init_images > 0:
@@ -465,20 +481,55 @@ class TokenizerTrainer:
             predicted.cpu(), cfg.max_tokens, cfg.min_tokens, self.config.uniform_length_fraction, generator=self.rng
         )
 
-    def _length_judgement(self, per_sample: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
-        """What length control compares with its threshold.
+    def _judgement_kinds(self, queries: list[str], device: torch.device) -> torch.Tensor:
+        """Which running threshold judges each sample: with the paper's loss a sample with a question is judged
+        by its boxes' mean and gets the question threshold; all others the whole-image one."""
+        with_question = [bool(q) and self.config.region_loss == "paper" for q in queries]
+        return torch.tensor(
+            [LengthControl.QUESTION if q else LengthControl.WHOLE_IMAGE for q in with_question], device=device
+        )
 
-        The reconstruction loss is a region-weighted MEAN (the right scale for gradients). Length control
-        instead asks how much error a sample leaves in what matters, so with `length_judged_by_area` the
-        mean is multiplied by the weighted area fraction: a question about one small object leaves little
-        to reconstruct and should stop early, however hard the object's own pixels are. Without queries
-        (or with every query dropped) the fraction is 1 and nothing changes.
+    def _add_judgements(
+        self, judged: torch.Tensor, kinds: torch.Tensor, asked: torch.Tensor | None, dropped: list[bool]
+    ) -> None:
+        """Add one micro-batch's contributions to each threshold's history to the optimizer step's totals.
+
+        Whole images: their judged loss, the whole image's mean. Questions: NOT the judged loss of samples with
+        a question, but the error that whole-image reconstructions leave in a question's boxes, read off the
+        samples whose question was dropped (`asked`). A box mean and a whole-image mean are not on one scale
+        (a box sits on an object, a whole image is mostly background that any token reconstructs), and a
+        threshold made of questions' own losses would only rank questions against each other. This one asks
+        of each question what Q-DOVE promises: its tokens must reconstruct its boxes at least as well as a
+        reconstruction of the whole image does, and they may stop as soon as they do. Without dropped
+        questions in the history yet, questions are judged against their own batch mean.
         """
-        if not self.config.length_judged_by_area or relevance is None:
-            return per_sample
-        shape = (per_sample.shape[0], 1, *relevance.shape[-2:])
-        area = relevance_weights(relevance, torch.Size(shape), self.config.region_lambda).mean(dim=(1, 2, 3))
-        return per_sample * area.to(per_sample.dtype)
+        judged = judged.detach().float()
+        whole = kinds == LengthControl.WHOLE_IMAGE
+        sums = [judged[whole].sum()]
+        counts = [whole.sum().float()]
+        mask = torch.tensor(dropped, device=judged.device)
+        if asked is not None and bool(mask.any()):
+            sums.append(asked.detach().float()[mask].sum())
+            counts.append(mask.sum().float())
+        else:
+            sums.append(judged.new_zeros(()))
+            counts.append(judged.new_zeros(()))
+        totals = torch.cat([torch.stack(sums), torch.stack(counts)])
+        self._judged_totals = totals if self._judged_totals is None else self._judged_totals + totals
+
+    def _record_judgements(self) -> None:
+        """At the end of an optimizer step: record each kind's mean judged loss over the step's micro-batches on
+        every process, so the history's `length_history` entries are optimizer steps whatever the gradient
+        accumulation, and tau is the same on all processes."""
+        totals, self._judged_totals = self._judged_totals, None
+        if totals is None:
+            return
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for kind in range(LengthControl.KINDS):
+            count = float(totals[LengthControl.KINDS + kind])
+            if count > 0:
+                self.length_control.update(totals[kind] / count, kind=kind)
 
     def _vq_warmup_step(self, batch: dict[str, Any], log: bool) -> dict[str, float]:
         """One micro-step of the VQ autoencoder alone. On logging steps the token path's reconstruction loss
@@ -515,8 +566,13 @@ class TokenizerTrainer:
         pixels = batch["pixels"].to(device)
         relevance = batch["relevance"].to(device)
         queries = list(batch["queries"])
+        asked = relevance  # each question's own boxes, also where the question is dropped below
         if self.with_queries:
+            asked_queries = queries
             queries, relevance = drop_queries(queries, relevance, config.query_drop_prob, generator=self.rng)
+            dropped = [bool(a) and not q and config.region_loss == "paper" for a, q in zip(asked_queries, queries)]
+        else:
+            dropped = [False] * len(queries)
         query = self.tokenizer.tokenize_queries(queries, pixels.shape[0])
         query_ids, query_mask = query if query is not None else (None, None)
         adversarial = config.adversarial_weight > 0 and self.step >= config.adversarial_start_step
@@ -524,7 +580,7 @@ class TokenizerTrainer:
         with accelerator.accumulate(self.train_model, self.disc_model):
             out = self.train_model(pixels, query_ids, query_mask, self._choose_lengths)
             recon = out["recon"]
-            rec = self.rec_loss(recon, pixels, relevance)
+            rec = self.rec_loss(recon, pixels, relevance, asked=asked if any(dropped) else None)
             total = rec.total
             logs = {"loss/reconstruction": rec.total.item(), "loss/mse": rec.mse.item()}
             if self.rec_loss.perceptual is not None:
@@ -532,8 +588,16 @@ class TokenizerTrainer:
             if config.latent_weight > 0:
                 # Relative to the latents' own variance: scale-free, so one weight suits aMUSEd's latents and a
                 # from-scratch encoder's unbounded continuous ones (raw MSE reached 30 there and drowned the rest).
+                # With the paper's loss it splits by region like the pixel loss: a cell is relevant if any of
+                # its pixels is. Over the whole grid it would keep asking a question's tokens for everything.
                 target = out["target_latents"].detach().float()
-                latent = F.mse_loss(out["latents"].float(), target) / target.var().clamp(min=1e-6)
+                squared = (out["latents"].float() - target).pow(2).mean(dim=1, keepdim=True)
+                squared = squared / target.var().clamp(min=1e-6)
+                if config.region_loss == "paper":
+                    cells = F.adaptive_max_pool2d(relevance.float(), squared.shape[-2:])
+                    latent = self.rec_loss.combine_regions(squared, cells)[0].mean()
+                else:
+                    latent = squared.mean()
                 total = total + config.latent_weight * latent
                 logs["loss/latent"] = latent.item()
             if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
@@ -553,10 +617,14 @@ class TokenizerTrainer:
                 logs["adversarial/adaptive_weight"] = weight.item()
             full_length = self.in_full_length_phase
             if not full_length:  # at full length every sample is judged at N tokens: nothing to learn or track
-                judged = self._length_judgement(rec.per_sample, relevance if self.with_queries else None)
-                length_loss = self.length_control.loss(out["eos_logits"], out["lengths"], judged, self.step)
+                judged = self.rec_loss.length_judgement(rec, relevance)
+                kinds = self._judgement_kinds(queries, device)
+                length_loss = self.length_control.loss(
+                    out["eos_logits"], out["lengths"], judged, self.step, kinds=kinds
+                )
                 total = total + length_loss
                 logs["loss/length"] = length_loss.item()
+                logs["length/weight"] = self.length_control.weight_at(self.step)
             logs["loss/total"] = total.item()
 
             accelerator.backward(total)
@@ -578,12 +646,13 @@ class TokenizerTrainer:
                 self.disc_optimizer.zero_grad(set_to_none=True)
                 logs["loss/discriminator"] = d_loss.item()
 
-        # tau must be the same on every process: record the all-reduced batch mean.
         if not full_length:
-            batch_mean = accelerator.reduce(judged.detach().mean(), reduction="mean")
-            self.length_control.update(batch_mean)
+            self._add_judgements(judged, kinds, rec.asked_per_sample, dropped)
         if self.length_control.threshold is not None:
             logs["length/threshold"] = float(self.length_control.threshold)
+        question_tau = self.length_control.threshold_of(LengthControl.QUESTION)
+        if question_tau is not None:
+            logs["length/threshold_question"] = float(question_tau)
         logs["length/predicted_mean"] = out["predicted_lengths"].float().mean().item()
         logs["length/trained_mean"] = out["lengths"].float().mean().item()
         return logs
@@ -625,6 +694,7 @@ class TokenizerTrainer:
                     micro += 1
                     if micro % config.gradient_accumulation_steps:
                         continue
+                    self._record_judgements()
                     self.gen_schedule.step()
                     self.disc_schedule.step()
                     self.step += 1

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .config import DoveConfig
+from .losses import REGION_LOSSES
 from .presets import available_presets, preset_config
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -70,7 +71,10 @@ class TrainConfig:
     # the short prefixes teach it to spend its first token on overall brightness, and it stays there.
     full_length_steps: int = 0
     codebook_init_images: int = 0  # > 0: reset the VQ codebook to encoder outputs of this many images (from scratch)
-    region_lambda: float = 0.1  # Q-DOVE: weight of pixels outside the query's boxes
+    # Q-DOVE: "paper" = L_rel + region_lambda * L_irr, each region's own per-pixel mean, lengths judged by the
+    # relevant region's mean; "weighted_mean" = one mean under weights 1 / region_lambda, judged times the area.
+    region_loss: str = "paper"
+    region_lambda: float = 1e-10  # Q-DOVE: weight of the pixels outside the query's boxes (the paper's value)
     query_drop_prob: float = 0.5
     # adversarial
     adversarial_weight: float = 0.1
@@ -83,7 +87,6 @@ class TrainConfig:
     length_weight_start: float = 1e-4
     length_weight_max: float = 0.1
     length_ramp_steps: int = 2000
-    length_judged_by_area: bool = True
     uniform_length_fraction: float = 0.5
     # bookkeeping
     log_every: int = 10
@@ -118,6 +121,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must lie in [0, 1], got {value!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.region_loss not in REGION_LOSSES:
+            raise ValueError(f"train.region_loss must be one of {REGION_LOSSES}, got {self.region_loss!r}")
         if self.tracker not in TRACKERS:
             raise ValueError(f"train.tracker must be one of {TRACKERS}, got {self.tracker!r}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
