@@ -190,3 +190,37 @@ def test_resume_skips_a_damaged_newest_checkpoint_file_by_file(tmp_path, caplog)
         _train(config, data, out, resume=True)
     with pytest.raises(CorruptCheckpointError, match=r"step-00000002/optimizers\.pt has 7 bytes"):
         _train(config, data, out, resume=str(previous))
+
+
+def test_file_digests_catch_truncation_and_altered_bytes_and_hash_large_files_by_their_edges(tmp_path, monkeypatch):
+    from tokenizer import checkpointing
+
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(bytes(range(256)) * 8)
+    large.write_bytes(os.urandom(64 * 1024))
+    monkeypatch.setattr(checkpointing, "FULL_HASH_LIMIT", 16 * 1024)
+    monkeypatch.setattr(checkpointing, "EDGE_BYTES", 1024)
+    recorded = checkpointing.file_digests(tmp_path)
+    checkpointing.check_file_digests(tmp_path, recorded)  # untouched: accepted
+
+    def altered(path: Path, offset: int) -> None:
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    original = {p: p.read_bytes() for p in (small, large)}
+    cases = [
+        (lambda: altered(small, 1000), "small.bin does not have the checksum"),  # a small file is hashed whole
+        (lambda: altered(large, 10), "large.bin does not have the checksum"),  # a large file's head
+        (lambda: altered(large, 64 * 1024 - 10), "large.bin does not have the checksum"),  # and its tail
+        (lambda: large.write_bytes(original[large][:-1]), "large.bin has 65535 bytes, 65536 were written"),
+    ]
+    for damage, message in cases:
+        damage()
+        with pytest.raises(CorruptCheckpointError, match=message):
+            checkpointing.check_file_digests(tmp_path, recorded)
+        for path, data in original.items():
+            path.write_bytes(data)
+    # The middle of a large file is what this trades away for a save that does not read tens of GB.
+    altered(large, 32 * 1024)
+    checkpointing.check_file_digests(tmp_path, recorded)
