@@ -38,7 +38,13 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tokenizer.checkpointing import CorruptCheckpointError, check_file_digests, existing_run_error, file_digests
+from tokenizer.checkpointing import (
+    CorruptCheckpointError,
+    check_file_digests,
+    existing_run_error,
+    file_digests,
+    newest_usable,
+)
 from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 
 from .conversation import add_image_token
@@ -349,20 +355,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-<step>` in `output_dir` that verifies (`verify_trainer_checkpoint`), or None to
     start afresh. Each damaged one is skipped with a warning naming it; when none is usable, the error names
     every damaged file."""
-    problems = []
-    for path in reversed(checkpoint_dirs(output_dir)):
-        try:
-            verify_trainer_checkpoint(path)
-            return str(path)
-        except CorruptCheckpointError as err:
-            logger.warning("skipping checkpoint %s: %s; trying the one before it", path, err)
-            problems.append(f"{path.name}: {err}")
-    if problems:
-        raise CorruptCheckpointError(
-            f"no usable checkpoint in {output_dir}: " + "; ".join(problems) + ". Delete the damaged checkpoint-* "
-            "directories to resume from an earlier one, or start afresh with --overwrite"
-        )
-    return None
+
+    def verified(path: Path) -> str:
+        verify_trainer_checkpoint(path)
+        return str(path)
+
+    return newest_usable(
+        list(reversed(checkpoint_dirs(output_dir))),
+        verified,
+        where=output_dir,
+        advice="Delete the damaged checkpoint-* directories to resume from an earlier one, or start afresh with "
+        "--overwrite",
+    )
 
 
 def verify_trainer_checkpoint(path: str | os.PathLike) -> None:

@@ -27,10 +27,10 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ OPTIMIZERS_FILE = "optimizers.pt"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Test hook, for timing only: "STEP:SECONDS" sleeps halfway through writing checkpoint STEP, so a test can
@@ -208,19 +209,13 @@ class CheckpointManager:
     def load_latest(self) -> TrainingCheckpoint | None:
         """The newest checkpoint that verifies and loads; each one skipped is named in a warning. None when
         there is none at all; `CorruptCheckpointError` naming every damaged file when none is usable."""
-        problems = []
-        for _, path in reversed(self.list()):
-            try:
-                return self.load(path)
-            except CorruptCheckpointError as err:
-                logger.warning("skipping checkpoint %s: %s; trying the one before it", path, err)
-                problems.append(f"{path.name}: {err}")
-        if problems:
-            raise CorruptCheckpointError(
-                f"no usable checkpoint under {self.root}: " + "; ".join(problems) + ". Delete the damaged "
-                "checkpoints and resume from an earlier one (--resume DIR), or start afresh with --overwrite"
-            )
-        return None
+        return newest_usable(
+            [path for _, path in reversed(self.list())],
+            self.load,
+            where=self.root,
+            advice="Delete the damaged checkpoints and resume from an earlier one (--resume DIR), or start afresh "
+            "with --overwrite",
+        )
 
     @staticmethod
     def load(path: str | os.PathLike) -> TrainingCheckpoint:
@@ -269,6 +264,26 @@ class CheckpointManager:
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is missing, truncated or altered since it was written."""
+
+
+def newest_usable(
+    candidates: Sequence[Path], open_checkpoint: Callable[[Path], T], where: str | os.PathLike, advice: str
+) -> T | None:
+    """`open_checkpoint` of the first candidate (newest first) that opens without `CorruptCheckpointError`.
+
+    Each damaged one is skipped with a warning naming it, so a run resumes from the checkpoint before a
+    damaged newest one; None when there are no candidates; when none is usable, the error names every
+    damaged file and ends with `advice`."""
+    problems = []
+    for path in candidates:
+        try:
+            return open_checkpoint(path)
+        except CorruptCheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s; trying the one before it", path, err)
+            problems.append(f"{path.name}: {err}")
+    if problems:
+        raise CorruptCheckpointError(f"no usable checkpoint in {where}: " + "; ".join(problems) + ". " + advice)
+    return None
 
 
 FULL_HASH_LIMIT = 256 * 2**20  # files up to this size are hashed whole
