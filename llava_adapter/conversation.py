@@ -5,9 +5,13 @@ A LLaVA record holds `conversations`: a list of turns `{"from": "human" | "gpt",
 
 Templates:
 - `chat_template`: the LLM tokenizer's own chat template (Qwen, Llama-3 instruct, the tiny test tokenizer);
-- `vicuna_v1`: a system line, then `USER: ... ASSISTANT: ...<eos>` turns, for base or Vicuna LLMs;
-- `plain`: stage-1 alignment, only `<image>` followed by the answer (the question is not shown to the LLM,
-  though the tower may still read it as its query);
+- `vicuna_v1`: LLaVA's `conv_templates["vicuna_v1"]` (LLaVA-1.5's template): its system prompt, then
+  `USER: ... ASSISTANT: ...</s>` turns, for base or Vicuna LLMs. The answer separator is the LLM's EOS
+  token, so an answer ends where generation stops; for LLaMA / Vicuna tokenizers (EOS `</s>`) the text
+  equals LLaVA's `get_prompt()` character for character;
+- `plain`: stage-1 alignment as LLaVA's `preprocess_plain` renders `conv_templates["plain"]`: only `<image>`,
+  the answer and the template's separator `\n` (the question is not shown to the LLM, though the tower may
+  still read it as its query);
 - `auto`: `chat_template` when the tokenizer has one, else `vicuna_v1`.
 
 Labels come from one tokenization of the whole rendered text: each token whose character span starts
@@ -28,10 +32,15 @@ from transformers import PreTrainedTokenizerBase
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 
 TEMPLATES = ("auto", "chat_template", "vicuna_v1", "plain")
+# LLaVA's `conv_vicuna_v1` (llava/conversation.py): system prompt, the separator after the system prompt and
+# each question, and the one after each answer (LLaVA's literal `</s>`; here the LLM's EOS token).
 VICUNA_SYSTEM_PROMPT = (
-    "The user asks an AI assistant questions about an image or in plain conversation; "
-    "the assistant answers helpfully, precisely and politely."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+VICUNA_SEPARATOR = " "
+# LLaVA's `conv_llava_plain.sep`, which `preprocess_plain` puts after the answer.
+PLAIN_SEPARATOR = "\n"
 _HUMAN_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant"}
 
@@ -248,16 +257,16 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _render_plain(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
     prefix = IMAGE_TOKEN if IMAGE_TOKEN in turns[0].text else ""
-    answer = turns[1].text + (_eos(tokenizer) if turns[1].text else "")
+    answer = turns[1].text + PLAIN_SEPARATOR if turns[1].text else ""
     return prefix + answer, [(len(prefix), len(prefix) + len(answer))]
 
 
 def _render_vicuna(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
-    text = VICUNA_SYSTEM_PROMPT
+    text = VICUNA_SYSTEM_PROMPT + VICUNA_SEPARATOR
     spans = []
     for turn in turns:
-        if turn.role == "user":
-            text += f" USER: {turn.text} ASSISTANT:"
+        if turn.role == "user":  # after the system prompt or an answer's EOS: no space, as in LLaVA
+            text += f"USER: {turn.text}{VICUNA_SEPARATOR}ASSISTANT:"
         else:
             answer = f" {turn.text}{_eos(tokenizer)}" if turn.text else ""
             spans.append((len(text), len(text) + len(answer)))

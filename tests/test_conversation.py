@@ -82,10 +82,10 @@ def test_targets_are_exactly_the_answers_and_eos(llm_tokenizer):
 
 
 def test_plain_template_is_image_then_answer(llm_tokenizer):
+    # LLaVA's preprocess_plain: the answer ends with the plain template's separator, a newline
     ids, labels = tokenize_conversation(CONVERSATION[:2], llm_tokenizer, "plain")
-    eos = llm_tokenizer.eos_token
-    assert llm_tokenizer.decode(ids) == f"{llm_tokenizer.bos_token}{IMAGE_TOKEN}The circle is red.{eos}"
-    assert _targets(llm_tokenizer, ids, labels) == f"The circle is red.{eos}"
+    assert llm_tokenizer.decode(ids) == f"{llm_tokenizer.bos_token}{IMAGE_TOKEN}The circle is red.\n"
+    assert _targets(llm_tokenizer, ids, labels) == "The circle is red.\n"
     with pytest.raises(ConversationError, match="plain"):
         tokenize_conversation(CONVERSATION, llm_tokenizer, "plain", sample_id="multi")
 
