@@ -45,9 +45,21 @@ def test_every_step_is_a_dove_vlm_command_writing_under_the_output_dir(recipe, t
     assert budgets[0] == "auto" and len(budgets) >= 3
 
 
-def test_the_fast_recipe_is_smaller_than_the_full_one():
-    assert FAST.n_images < FULL.n_images
-    assert FAST.tokenizer_train["max_steps"] < FULL.tokenizer_train["max_steps"]
+def test_the_fast_recipe_plans_a_smaller_run_than_the_full_one(tmp_path):
+    """What the fast demo actually runs (its make-shapes command, its tokenizer training file) is smaller."""
+    from tokenizer.training_config import load_training_file
+
+    def planned(recipe, name):
+        steps = {s.name: s for s in build_steps(recipe, DemoPaths(tmp_path / name))}
+        shapes = steps["data"].display
+        config = load_training_file(write_tokenizer_config(recipe, tmp_path / f"{name}.yaml"))
+        return int(shapes[shapes.index("--n") + 1]), config.train.max_steps
+
+    fast_images, fast_steps = planned(FAST, "fast")
+    full_images, full_steps = planned(FULL, "full")
+    assert (fast_images, fast_steps) == (FAST.n_images, FAST.tokenizer_train["max_steps"])
+    assert (full_images, full_steps) == (FULL.n_images, FULL.tokenizer_train["max_steps"])
+    assert fast_images < full_images and fast_steps < full_steps
 
 
 def test_steps_are_parsed_in_pipeline_order_and_unknown_names_are_refused():
@@ -142,6 +154,29 @@ def _table_after(text: str, heading: str) -> list[list[str]]:
     return rows
 
 
+def _held_out_length_spearman(out: Path) -> str:
+    """Spearman's rho between the trained tokenizer's automatic lengths (no query) and the object counts of
+    the held-out scenes, computed here from the demo's files, as the report prints it ("n/a" when either
+    side is constant, so no ranking exists)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from tokenizer import DoveTokenizer
+
+    paths = DemoPaths(out)
+    scenes = [s for s in json.loads((paths.data / "scenes.json").read_text()) if s["split"] == "test"]
+    model = DoveTokenizer.from_pretrained(paths.tokenizer).eval()
+    lengths = []
+    with torch.no_grad():
+        for start in range(0, len(scenes), 64):
+            chunk = [str(paths.images / f"{s['image_id']}.png") for s in scenes[start : start + 64]]
+            lengths += model.encode(chunk).lengths.tolist()
+    counts = [s["n_objects"] for s in scenes]
+    if len(set(lengths)) < 2 or len(set(counts)) < 2:
+        return "n/a"
+    return f"{spearmanr(lengths, counts).statistic:.2f}"
+
+
 @pytest.mark.slow
 def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(tmp_path):
     out = tmp_path / "demo"
@@ -157,7 +192,8 @@ def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(tmp_path
     for heading in ("Reconstruction quality", "mean automatic length", "## Evaluation", "Accuracy per question type",
                     "## Time per step"):  # fmt: skip
         assert heading in report, heading
-    assert re.search(r"Spearman rho = (-?\d\.\d\d|n/a) with the object count", report)
+    [reported] = re.findall(r"Spearman rho = (-?\d\.\d\d|n/a) with the object count", report)
+    assert reported == _held_out_length_spearman(out), "the report's Spearman figure is not the tokenizer's"
 
     # every step's command is listed, in order
     commands = re.findall(r"```bash\n(.+?)\n```", report)

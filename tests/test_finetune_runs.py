@@ -1,5 +1,6 @@
 """`finetune --output` reused: a fresh run refuses an earlier run's checkpoints, `overwrite` discards only what
-that run wrote, and a resume skips a damaged newest checkpoint for the one before it."""
+that run wrote, a resume skips a damaged newest checkpoint for the one before it, and grouping by visual
+length puts the visual-length sampler into the Trainer's dataloader."""
 
 from __future__ import annotations
 
@@ -80,3 +81,31 @@ def test_finetune_resume_skips_a_damaged_newest_checkpoint(workspace, tmp_path, 
         CorruptCheckpointError, match=r"no usable checkpoint.*checkpoint-4.*scheduler\.pt.*checkpoint-2"
     ):
         finetune(stage1(workspace, out, resume=True))
+
+
+def _samplers(loader) -> list:
+    """Every sampler inside the (accelerate-wrapped) dataloader: its sampler, its batch sampler, and what
+    those wrap, so the test does not depend on which wrapper holds the index sampler."""
+    found, stack = [], [loader]
+    while stack:
+        item = stack.pop()
+        for name in ("sampler", "batch_sampler"):
+            inner = getattr(item, name, None)
+            if inner is not None and not any(inner is f for f in found):
+                found.append(inner)
+                stack.append(inner)
+    return found
+
+
+def test_finetune_grouped_by_visual_length_trains_with_the_visual_length_sampler(workspace, tmp_path):
+    from llava_adapter.sampler import VisualLengthGroupedSampler
+
+    grouped = finetune(stage1(workspace, tmp_path / "grouped", max_steps=1, save_steps=None,
+                              group_by_visual_length=True, visual_length_cache=str(tmp_path / "cache")))  # fmt: skip
+    samplers = _samplers(grouped.trainer.get_train_dataloader())
+    matches = [x for x in samplers if isinstance(x, VisualLengthGroupedSampler)]
+    assert len(matches) == 1, [type(x).__name__ for x in samplers]
+    sampler = matches[0]
+    assert sampler.lengths == grouped.trainer.sample_lengths and len(sampler.lengths) == 8
+    plain = finetune(stage1(workspace, tmp_path / "plain", max_steps=1, save_steps=None))
+    assert not any(isinstance(x, VisualLengthGroupedSampler) for x in _samplers(plain.trainer.get_train_dataloader()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -197,27 +196,63 @@ def test_a_fixed_budget_records_exactly_that_many_tokens(vlm_dir, shapes_env, ta
         assert results["results"][TASK][f"visual_tokens_{stat},none"] == 5
 
 
-def test_multiple_choice_task_scores_choices_by_likelihood(vlm_dir, shapes_env, task_manager, test_records):
-    from llava_adapter.inference import score_continuations
+@pytest.fixture
+def chosen_mc_dir(shapes_dir, test_records, tmp_path, monkeypatch):
+    """The shapes data with its test split cut to two questions picked on purpose: a yes/no question (two
+    choices) and a colour question (six), so both kinds of choice list are scored whatever the seed draws."""
+    table = pq.read_table(shapes_dir / "test" / "vqa.parquet")
+    rows = table.to_pylist()
+    picks = [next(r for r in rows if r["question_type"] in ("presence", "position")),
+             next(r for r in rows if r["question_type"] == "colour")]  # fmt: skip
+    out = tmp_path / "chosen"
+    (out / "test").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(picks, schema=table.schema), out / "test" / "vqa.parquet")
+    (out / "images").symlink_to(shapes_dir / "images")
+    monkeypatch.setenv("DOVE_SHAPES_DIR", str(out))
+    return picks
+
+
+def _answer_logprob(model, tokenizer, image, prompt: str, answer: str) -> float:
+    """log p(answer | image, prompt) from one unpadded forward pass: the answer is the sequence's tail, so the
+    logits one position before each of its tokens score it (no labels, padding or batching involved)."""
+    from llava_adapter.conversation import tokenize_generation_prompt
+
+    prompt_ids = tokenize_generation_prompt(prompt, tokenizer, model.config.conversation_template)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([prompt_ids + answer_ids])
+    pixels = model.vision_tower.image_processor.to_tensor([image])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), images=pixels).logits[0]
+    n = len(answer_ids)
+    log_probs = torch.log_softmax(logits[-n - 1 : -1].double(), dim=-1)
+    return float(log_probs.gather(-1, torch.tensor(answer_ids).unsqueeze(-1)).sum())
+
+
+def test_multiple_choice_task_scores_choices_by_likelihood(vlm_dir, chosen_mc_dir, task_manager):
+    from dove_vlm.lmms_tasks.dove_shapes_vqa.utils import doc_to_choice
 
     model = dove_llava(vlm_dir, query=False)
-    results = evaluate(model, task_manager, task="dove_shapes_vqa_mc", limit=3)
+    results = evaluate(model, task_manager, task="dove_shapes_vqa_mc", limit=None)
     samples = results["samples"]["dove_shapes_vqa_mc"]
-    assert 0.0 <= results["results"]["dove_shapes_vqa_mc"]["acc,none"] <= 1.0
-    first = samples[0]
-    scores = [resp[0] for resp in first["filtered_resps"]]
-    assert all(math.isfinite(s) and s > 0 for s in scores)  # negative log-likelihoods: lower = likelier
-    assert all(isinstance(c["visual_tokens"], int) for c in first["token_counts"])
-    # The score of a choice is minus the log-probability the adapter computes for that answer.
-    record = test_records[0]
-    choices = ["yes", "no"] if record["question_type"] in ("presence", "position") else None
-    if choices:
+    assert [s["doc"]["question_id"] for s in samples] == [r["question_id"] for r in chosen_mc_dir]
+    images = [Path(os.environ["DOVE_SHAPES_DIR"]) / "images" / f"{r['image_id']}.png" for r in chosen_mc_dir]
+    for sample, record, image in zip(samples, chosen_mc_dir, images):
+        choices = doc_to_choice(record)
+        assert len(choices) == (2 if record["question_type"] in ("presence", "position") else 6)
+        scores = [resp[0] for resp in sample["filtered_resps"]]
+        assert len(scores) == len(choices)
+        assert all(isinstance(c["visual_tokens"], int) for c in sample["token_counts"])
+        # Each score is minus log p(choice | image, question), computed here one choice at a time.
         prompt = record["question"] + SHORT_ANSWER_SUFFIX
-        image = shapes_env / "images" / f"{record['image_id']}.png"
-        direct = score_continuations(model.model, model.tokenizer, [image] * 2, [prompt] * 2, choices, use_query=False)
-        assert scores == pytest.approx([-lp for lp, _ in direct], rel=1e-4)
-    expected = float(min(range(len(scores)), key=scores.__getitem__) == first["target"])
-    assert first["acc"] == expected
+        expected = [-_answer_logprob(model.model, model.tokenizer, image, prompt, c) for c in choices]
+        assert scores == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        # The task's pick is the likeliest choice by those scores, and it is credited iff it is the answer.
+        likeliest = min(range(len(expected)), key=expected.__getitem__)
+        assert sample["target"] == choices.index(record["answer"])
+        assert sample["acc"] == float(likeliest == choices.index(record["answer"]))
+    assert results["results"]["dove_shapes_vqa_mc"]["acc,none"] == pytest.approx(
+        statistics.fmean(s["acc"] for s in samples)
+    )
 
 
 # -------------------------------------------------------------------------------------------- bad samples

@@ -106,4 +106,17 @@ def test_eval_recon_and_linear_probe_commands(tmp_path, tiny_tokenizer):
     probe = run_cli("linear-probe", "--checkpoint", str(checkpoint), "--images", str(data / "images"),
                     "--labels", str(data / "scenes.json"), "--features", "budget", "--budget", "4")  # fmt: skip
     summary = json.loads(probe.stdout)
-    assert summary["n_train"] + summary["n_test"] == 12 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["n_train"] + summary["n_test"] == 12
+    # The figures are the probe's on the same tokens, split as scenes.json says, fitted here in-process.
+    records = json.loads((data / "scenes.json").read_text())
+    with torch.no_grad():
+        x = token_features(model, model.pixels([str(data / "images" / f"{r['image_id']}.png") for r in records]),
+                           "budget", budget=4)  # fmt: skip
+    train = [i for i, r in enumerate(records) if r["split"] != "test"]
+    test = [i for i, r in enumerate(records) if r["split"] == "test"]
+    labels = [r["n_objects"] for r in records]
+    expected = fit_linear_probe(x[train], [labels[i] for i in train], x[test], [labels[i] for i in test])
+    assert (summary["n_train"], summary["n_test"]) == (len(train), len(test))
+    assert summary["test_accuracy"] == pytest.approx(expected.test_accuracy)
+    assert summary["train_accuracy"] == pytest.approx(expected.train_accuracy)
+    assert summary["majority_baseline"] == pytest.approx(expected.majority_accuracy)

@@ -63,7 +63,11 @@ def test_full_size_presets_run_one_forward_at_256px(preset):
     assert model.config.grid_size == 16 and model.config.latent_channels == 64 and model.max_tokens == 256
     enc = model.encode(torch.rand(1, 3, 256, 256), queries=["what colour is the cup?"])
     assert enc.tokens.shape == (1, 256, model.token_dim)
-    assert 1 <= enc.lengths.item() <= 256
+    # The automatic length is where the EOS head first says stop (from min_tokens on), else all 256.
+    probs = enc.eos_probs[0].tolist()
+    stops = [i + 1 for i, p in enumerate(probs) if p > model.config.eos_threshold and i + 1 >= model.config.min_tokens]
+    assert enc.lengths.item() == (stops[0] if stops else 256)
+    assert not enc.tokens[0, enc.lengths.item() :].any()  # positions past the length are masked out
     images = model.decode(enc.tokens[:, :16], [16])
     assert images.shape == (1, 3, 256, 256)
     assert torch.isfinite(images).all()
