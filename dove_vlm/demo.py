@@ -14,10 +14,10 @@ Why the recipe looks the way it does (numbers measured on 2 CPU cores, see the r
   their random values, and learns little in the few minutes the demo has; LoRA is what a pretrained LLM
   gets (the README's GPU path), and `--lora` is one flag on the same command.
 - Its learning rates are those of training from scratch (1e-3 range), not LLaVA's 2e-5 for a pretrained
-  LLM, and it sees each question four times in stage 2, because it learns the answers from nothing: a
+  LLM, and it sees each question five times in stage 2, because it learns the answers from nothing: a
   count question ("How many red objects are there?") needs a word of the question matched against what
-  the tokens say; after two epochs the model answered "0" to every one of them (counts 56%; after four
-  epochs 68%).
+  the tokens say, and the count questions are the last thing it learns (docs/benchmarks.md has the
+  accuracy after two, four and five epochs).
 - The tokenizer trains everything from scratch (nothing pretrained is at hand offline): first the
   autoencoder alone, long enough to draw the objects and not just the background (`vq_warmup_steps`),
   then the token path with length control. Objects are drawn at twice the generator's default size
@@ -174,7 +174,7 @@ FULL = DemoRecipe(
     tokenizer_train={**_TOKENIZER_COMMON, "max_steps": 2400, "vq_warmup_steps": 1200, "length_ramp_steps": 300,
                      "grid_every": 400},
     stage1_epochs=0.5,
-    stage2_epochs=4.0,
+    stage2_epochs=5.0,
     eval_budgets=(1, 4),
     eval_limit=600,
 )  # fmt: skip
