@@ -20,26 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, Qwen2Config
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from llava_adapter.projectors import build_projector
 from llava_adapter.vision_tower import DoveVisionTower
 
-QWEN_05B = {
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune_throughput import LLM_SHAPES  # the same Qwen2.5-0.5B shape the fine-tuning benchmark uses
+
 CLIP_L_336 = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -116,7 +110,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    llm = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN_05B), dtype=dtype).to(device).eval()
+    llm = AutoModelForCausalLM.from_config(LLM_SHAPES["qwen2.5-0.5b"](), dtype=dtype).to(device).eval()
     clip = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336)).to(device=device, dtype=dtype).eval()
     dove = DoveVisionTower("dove-pythia70m-amused256")
     dove.tokenizer.to(device=device, dtype=dtype)  # the VQ keeps fp32 whatever is asked
