@@ -524,8 +524,7 @@ class TokenizerTrainer:
         totals, self._judged_totals = self._judged_totals, None
         if totals is None:
             return
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = self._summed(totals)
         for kind in range(LengthControl.KINDS):
             count = float(totals[LengthControl.KINDS + kind])
             if count > 0:
@@ -760,10 +759,8 @@ class TokenizerTrainer:
 
     def _all_processes_have_images(self, batch: dict[str, Any]) -> bool:
         """A batch whose every image was corrupt is skipped, by all processes together (one alone would hang DDP)."""
-        has = torch.tensor([1.0 if batch["pixels"].shape[0] > 0 else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            has = self.accelerator.reduce(has, reduction="sum") / self.accelerator.num_processes
-        return bool(has.item() == 1.0)
+        has = self._summed(torch.tensor([1.0 if batch["pixels"].shape[0] > 0 else 0.0]))
+        return bool(has.item() == self.accelerator.num_processes)
 
     def _summed(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over processes (every process must call this at the same point)."""
@@ -788,10 +785,7 @@ class TokenizerTrainer:
         return warned
 
     def _total_skipped(self) -> int:
-        count = torch.tensor([float(self.skipped_images)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.reduce(count, reduction="sum")
-        return int(count.item())
+        return int(self._summed(torch.tensor([float(self.skipped_images)])).item())
 
     def _log(self, logs: dict[str, float], metrics_path: Path, history: list[dict[str, float]]) -> None:
         record = {"step": self.step, **logs}
