@@ -95,8 +95,8 @@ def study_tokenizer(
     from scipy.stats import spearmanr
 
     from tokenizer import DoveTokenizer
-    from tokenizer.image_processing import load_image
-    from tokenizer.visualize import save_reconstruction_grid
+    from tokenizer.evaluation.visualize import save_reconstruction_grid
+    from tokenizer.modeling.image_processing import load_image
 
     scenes = [s for s in _read_json(paths.data / "scenes.json", "data") if s["split"] == "test"]
     if len(scenes) < 3:

@@ -81,16 +81,16 @@ def random_vgg16(workdir: Path) -> Path:
 
 def build_trainer(preset: str, dtype: str, checkpointing: bool, workdir: Path, vgg: Path, data: Path) -> Any:
     """The training loop's trainer for a preset's own training file, on random weights of its architecture."""
-    from dove_vlm.commands.train_tokenizer import training_preset_path
-    from tokenizer.train import TokenizerTrainer
-    from tokenizer.training_config import ModelSpec, load_training_file
+    from tokenizer.training.config import ModelSpec, load_training_file
+    from tokenizer.training.loop import TokenizerTrainer
+    from tokenizer.training.recipes import recipe_path
 
     overrides = {
         "mixed_precision": {"fp32": "no", "bf16": "bf16"}[dtype], "gradient_checkpointing": checkpointing,
         "perceptual_weights": str(vgg), "adversarial_start_step": 0, "num_workers": 0, "tracker": "none",
         "checkpoint_every": 0, "grid_every": 0, "codebook_init_images": 0,
     }  # fmt: skip
-    setup = load_training_file(training_preset_path(preset), overrides=overrides)
+    setup = load_training_file(recipe_path(preset), overrides=overrides)
     setup.model = ModelSpec(preset=setup.model.preset)  # the architecture, without the hub components
     out = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     annotations = data / "train" / "annotations.json"
@@ -98,7 +98,7 @@ def build_trainer(preset: str, dtype: str, checkpointing: bool, workdir: Path, v
 
 
 def make_batch(trainer: Any, batch: int) -> dict[str, Any]:
-    from tokenizer.data import collate_examples
+    from tokenizer.training.data import collate_examples
 
     return collate_examples([trainer.dataset[i % len(trainer.dataset)] for i in range(batch)])
 

@@ -1,4 +1,4 @@
-"""Tokenizer training throughput and peak memory: the real loop (`tokenizer.train.train_tokenizer`) on
+"""Tokenizer training throughput and peak memory: the real loop (`tokenizer.training.loop.train_tokenizer`) on
 shapes data for a few steps, per preset and batch size.
 
 Images/s is measured between a phase's first and last logged steps (so first-batch costs stay out);
@@ -34,8 +34,8 @@ def _reset_rss_peak() -> None:
 
 
 def bench_one(preset: str, batch: int, steps: int, warmup_vq: int, log_every: int, data: Path, precision: str) -> dict:
-    from tokenizer.train import train_tokenizer
-    from tokenizer.training_config import parse_training_setup
+    from tokenizer.training.config import parse_training_setup
+    from tokenizer.training.loop import train_tokenizer
 
     train = {
         "max_steps": warmup_vq + steps, "vq_warmup_steps": warmup_vq, "batch_size": batch, "log_every": log_every,

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tokenizer import DoveImageProcessor, ImageLoadError, load_image
-from tokenizer.annotations import escapes_root
-from tokenizer.data import SKIPPED_WARN_SHARE
+from tokenizer.training.annotations import escapes_root
+from tokenizer.training.data import SKIPPED_WARN_SHARE
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .conversation import (

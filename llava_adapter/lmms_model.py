@@ -43,7 +43,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from PIL import Image
 
-from tokenizer.image_processing import ImageLoadError, load_image
+from tokenizer.modeling.image_processing import ImageLoadError, load_image
 
 from .conversation import require_question, tokenize_generation_prompt
 from .inference import answer_questions, inference_dtype, load_pretrained_model, score_continuations

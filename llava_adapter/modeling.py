@@ -41,7 +41,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tokenizer import DoveConfig, DoveTokenizer
 from tokenizer.hub import atomic_directory, corrupt_weights_error, resolve_pretrained_dir
-from tokenizer.modeling import TEXT_TOKENIZER_DIR, WEIGHTS_NAME
+from tokenizer.modeling.dove_tokenizer import TEXT_TOKENIZER_DIR, WEIGHTS_NAME
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .projectors import build_projector, load_projector_weights, projector_state_dict

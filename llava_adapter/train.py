@@ -38,14 +38,14 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tokenizer.checkpointing import (
+from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
+from tokenizer.training.checkpointing import (
     CorruptCheckpointError,
     check_file_digests,
     existing_run_error,
     file_digests,
     newest_usable,
 )
-from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 
 from .conversation import add_image_token
 from .data import LlavaCollator, LlavaConversationDataset, pad_token_id

@@ -25,7 +25,7 @@ from torch import nn
 
 from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer, available_presets
 from tokenizer.hub import resolve_pretrained_dir
-from tokenizer.length import lengths_from_eos, resolve_budget
+from tokenizer.modeling.length import lengths_from_eos, resolve_budget
 
 TRAINABLE_PARTS = ("none", "eos_head", "generator")
 

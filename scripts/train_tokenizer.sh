@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU DOVE / Q-DOVE tokenizer training (DDP), one process per GPU.
 #
-#   scripts/train_tokenizer.sh 8 --preset dove-pythia70m-amused256 --data /data/images \
+#   scripts/train_tokenizer.sh 8 --recipe dove-pythia70m-amused256 --data /data/images \
 #       --output runs/dove70m --perceptual-weights /weights/vgg16-397923af.pth
 #
 # NPROC (first argument) processes on this node; every other argument goes to `dove-vlm train-tokenizer`.

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tokenizer_training_helpers import cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 from tokenizer import DoveTokenizer
-from tokenizer.checkpointing import SLOW_WRITE_ENV, CheckpointManager, CorruptCheckpointError, RNGState
+from tokenizer.training.checkpointing import SLOW_WRITE_ENV, CheckpointManager, CorruptCheckpointError, RNGState
 
 
 def _draw(generator: torch.Generator) -> tuple:
@@ -115,15 +115,15 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
 
 
 def _train(config: Path, data: Path, out: Path, **kwargs):
-    from tokenizer.train import train_tokenizer
-    from tokenizer.training_config import load_training_file
+    from tokenizer.training.config import load_training_file
+    from tokenizer.training.loop import train_tokenizer
 
     return train_tokenizer(load_training_file(config), data / "images", out, progress=False, **kwargs)
 
 
 def test_a_fresh_run_refuses_an_earlier_runs_output_unless_told_to_overwrite(tmp_path, capsys):
     from dove_vlm.cli import main as cli_main
-    from tokenizer.checkpointing import ExistingRunError
+    from tokenizer.training.checkpointing import ExistingRunError
 
     data = make_shapes_data(tmp_path / "shapes", n=8)
     config = write_config(tmp_path / "run.yaml", max_steps=4, checkpoint_every=2, codebook_init_images=0)
@@ -175,7 +175,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_file_by_file(tmp_path, caplog)
         with open(victim, "r+b") as handle:
             handle.truncate(victim.stat().st_size // 2)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="tokenizer.checkpointing"):
+        with caplog.at_level(logging.WARNING, logger="tokenizer.training.checkpointing"):
             summary = _train(config, data, out, resume=True)
         assert summary.resumed_from == previous, name
         assert f"skipping checkpoint {newest}" in caplog.text and name in caplog.text, caplog.text
@@ -193,7 +193,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_file_by_file(tmp_path, caplog)
 
 
 def test_file_digests_catch_truncation_and_altered_bytes_and_hash_large_files_by_their_edges(tmp_path, monkeypatch):
-    from tokenizer import checkpointing
+    from tokenizer.training import checkpointing
 
     small, large = tmp_path / "small.bin", tmp_path / "large.bin"
     small.write_bytes(bytes(range(256)) * 8)

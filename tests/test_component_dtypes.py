@@ -14,9 +14,9 @@ from tokenizer_training_helpers import MICRO_MODEL, MICRO_TRAIN, make_shapes_dat
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from tokenizer import DoveTokenizer
-from tokenizer.text import byte_level_text_tokenizer
-from tokenizer.train import TokenizerTrainer
-from tokenizer.training_config import parse_training_setup
+from tokenizer.modeling.text import byte_level_text_tokenizer
+from tokenizer.training.config import parse_training_setup
+from tokenizer.training.loop import TokenizerTrainer
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 SAFETENSORS_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -35,7 +35,7 @@ def _stored_dtypes(directory: Path) -> set[str]:
 def save_half_components(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:
     """A micro VQModel saved as a hub pipeline holds it (`vqvae/` subfolder) and a micro Pythia-style LM with
     its tokenizer, both written in `dtype` as the hub checkpoints are."""
-    from tokenizer.presets import preset_config
+    from tokenizer.modeling.presets import preset_config
 
     torch.manual_seed(0)
     base = preset_config("dove-tiny")
@@ -155,11 +155,11 @@ def test_full_preset_trains_one_step_from_fp16_components_in_bf16_with_checkpoin
     from safetensors.torch import save_file
     from test_losses import random_vgg16_features
 
-    from dove_vlm.commands.train_tokenizer import training_preset_path
     from dove_vlm.shapes import make_shapes
-    from tokenizer.data import collate_examples
-    from tokenizer.presets import preset_config
-    from tokenizer.training_config import ModelSpec, load_training_file
+    from tokenizer.modeling.presets import preset_config
+    from tokenizer.training.config import ModelSpec, load_training_file
+    from tokenizer.training.data import collate_examples
+    from tokenizer.training.recipes import recipe_path
 
     preset = "dove-pythia70m-amused256"
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_full_preset_trains_one_step_from_fp16_components_in_bf16_with_checkpoin
         "perceptual_weights": str(tmp_path / "vgg16.safetensors"),
         "batch_size": 1, "num_workers": 0, "tracker": "none",
     }  # fmt: skip
-    setup = load_training_file(training_preset_path(preset), overrides=overrides)
+    setup = load_training_file(recipe_path(preset), overrides=overrides)
     setup.model = ModelSpec(preset=preset, vq=str(tmp_path / "vq"), generator=str(tmp_path / "lm"))
     shapes = tmp_path / "shapes"
     trainer = TokenizerTrainer(

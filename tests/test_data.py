@@ -11,8 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from tokenizer.annotations import AnnotationError
-from tokenizer.data import (
+from tokenizer.modeling.image_processing import DoveImageProcessor, ImageLoadError
+from tokenizer.training.annotations import AnnotationError
+from tokenizer.training.data import (
     HFImageDataset,
     ImageFolderDataset,
     QueryAnnotationDataset,
@@ -21,7 +22,6 @@ from tokenizer.data import (
     build_dataset,
     collate_examples,
 )
-from tokenizer.image_processing import DoveImageProcessor, ImageLoadError
 
 SIZE = 32
 
@@ -117,7 +117,7 @@ def corrupt_folder(tmp_path: Path) -> Path:
 def test_corrupt_images_are_skipped_and_counted(corrupt_folder: Path, caplog):
     dataset = ImageFolderDataset(corrupt_folder, SIZE)
     assert len(dataset) == 6
-    with caplog.at_level("WARNING", logger="tokenizer.data"):
+    with caplog.at_level("WARNING", logger="tokenizer.training.data"):
         items = [dataset[i] for i in range(len(dataset))]
     skipped = [item for item in items if isinstance(item, SkippedExample)]
     assert sorted(Path(s.source).name for s in skipped) == ["bad_text.png", "bad_truncated.png"]

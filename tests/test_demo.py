@@ -47,7 +47,7 @@ def test_every_step_is_a_dove_vlm_command_writing_under_the_output_dir(recipe, t
 
 def test_the_fast_recipe_plans_a_smaller_run_than_the_full_one(tmp_path):
     """What the fast demo actually runs (its make-shapes command, its tokenizer training file) is smaller."""
-    from tokenizer.training_config import load_training_file
+    from tokenizer.training.config import load_training_file
 
     def planned(recipe, name):
         steps = {s.name: s for s in build_steps(recipe, DemoPaths(tmp_path / name))}
@@ -70,7 +70,7 @@ def test_steps_are_parsed_in_pipeline_order_and_unknown_names_are_refused():
 
 
 def test_the_tokenizer_config_is_a_training_file_train_tokenizer_accepts(tmp_path):
-    from tokenizer.training_config import load_training_file
+    from tokenizer.training.config import load_training_file
 
     setup = load_training_file(write_tokenizer_config(FULL, tmp_path / "tokenizer.yaml"))
     assert setup.model.preset == FULL.tokenizer_model["preset"]

@@ -14,7 +14,7 @@ from llava_workspace import build_workspace
 from safetensors.torch import load_file
 
 from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
-from tokenizer.checkpointing import CorruptCheckpointError, ExistingRunError
+from tokenizer.training.checkpointing import CorruptCheckpointError, ExistingRunError
 
 
 @pytest.fixture(scope="module")

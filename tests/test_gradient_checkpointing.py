@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import DoveTokenizer
-from tokenizer.losses import ReconstructionLoss
-from tokenizer.train import TrainingModel
-from tokenizer.training_config import TrainConfig
+from tokenizer.training.config import TrainConfig
+from tokenizer.training.loop import TrainingModel
+from tokenizer.training.losses import ReconstructionLoss
 
 
 def _step(model: TrainingModel, pixels: torch.Tensor, query: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -85,8 +85,8 @@ def test_checkpointing_changes_nothing_outside_training():
 def test_the_option_reaches_the_model(tmp_path):
     from tokenizer_training_helpers import MICRO_MODEL, make_shapes_data, write_config
 
-    from tokenizer.train import TokenizerTrainer
-    from tokenizer.training_config import load_training_file
+    from tokenizer.training.config import load_training_file
+    from tokenizer.training.loop import TokenizerTrainer
 
     assert TrainConfig().gradient_checkpointing is False
     shapes = make_shapes_data(tmp_path / "shapes", n=4)
@@ -105,5 +105,5 @@ def test_cli_flag_overrides_the_config(flag):
 
     parser = argparse.ArgumentParser()
     train_tokenizer.register(parser.add_subparsers())
-    args = parser.parse_args(["train-tokenizer", "--preset", "dove-tiny", "--data", "d", "--output", "o", flag])
+    args = parser.parse_args(["train-tokenizer", "--recipe", "dove-tiny", "--data", "d", "--output", "o", flag])
     assert args.gradient_checkpointing is (flag == "--gradient-checkpointing")

@@ -9,16 +9,16 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from tokenizer.discriminator import (
+from tokenizer.modeling.length import lengths_from_eos
+from tokenizer.training.discriminator import (
     PatchDiscriminator,
     adaptive_adversarial_weight,
     adversarial_weight_at,
     hinge_d_loss,
     hinge_g_loss,
 )
-from tokenizer.length import lengths_from_eos
-from tokenizer.length_control import LengthControl, sample_training_lengths
-from tokenizer.losses import PerceptualLoss, ReconstructionLoss, drop_queries
+from tokenizer.training.length_control import LengthControl, sample_training_lengths
+from tokenizer.training.losses import PerceptualLoss, ReconstructionLoss, drop_queries
 
 
 def random_vgg16_features(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -468,8 +468,8 @@ def test_a_fresh_tokenizer_starts_at_the_full_length():
 
 @pytest.mark.slow
 def test_the_full_presets_generator_starts_at_the_full_length():
-    from tokenizer.generator import TokenGenerator, initial_eos_bias
-    from tokenizer.presets import preset_config
+    from tokenizer.modeling.generator import TokenGenerator, initial_eos_bias
+    from tokenizer.modeling.presets import preset_config
 
     config = preset_config("dove-pythia70m-amused256")
     torch.manual_seed(0)

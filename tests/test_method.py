@@ -38,9 +38,9 @@ from tokenizer_training_helpers import make_shapes_data
 
 from dove_vlm.demo import DEMO_TOKENIZER_MODEL
 from tokenizer import DoveTokenizer
-from tokenizer.data import build_dataset
-from tokenizer.train import train_tokenizer
-from tokenizer.training_config import parse_training_setup
+from tokenizer.training.config import parse_training_setup
+from tokenizer.training.data import build_dataset
+from tokenizer.training.loop import train_tokenizer
 
 # The demo's tokenizer with narrower tokens (see the module docstring).
 METHOD_MODEL = copy.deepcopy(DEMO_TOKENIZER_MODEL)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tokenizer_training_helpers import make_shapes_data, run_cli
 
-from tokenizer.metrics import RFID, psnr, ssim
-from tokenizer.probe import fit_linear_probe, token_features
+from tokenizer.evaluation.metrics import RFID, psnr, ssim
+from tokenizer.evaluation.probe import fit_linear_probe, token_features
 
 
 def test_psnr_and_ssim_per_image():
@@ -41,7 +41,7 @@ def test_rfid_reads_the_inception_weights_from_the_file(tmp_path):
     from safetensors.torch import save_file
     from torchvision.models import inception_v3
 
-    from tokenizer.metrics import TorchvisionInceptionFeatures
+    from tokenizer.evaluation.metrics import TorchvisionInceptionFeatures
 
     torch.manual_seed(0)
     network = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_losses import random_vgg16_features
 
-from tokenizer.perceptual import PerceptualLoss
-from tokenizer.training_config import TrainConfig
+from tokenizer.training.config import TrainConfig
+from tokenizer.training.perceptual import PerceptualLoss
 
 TORCHVISION_FILE = "vgg16-397923af.pth"  # VGG16_Weights.IMAGENET1K_V1's file name in torchvision's cache
 

@@ -16,7 +16,7 @@ from tokenizer_training_helpers import cli_env
 
 from tokenizer import DoveConfig, DoveTokenizer
 from tokenizer.hub import SAVE_MANIFEST, SAVE_PAUSE_ENV, atomic_directory, retired_path
-from tokenizer.presets import preset_config
+from tokenizer.modeling.presets import preset_config
 
 
 def tiny_tokenizer(seed: int, max_tokens: int = 32) -> DoveTokenizer:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dove_vlm import DoveTokenizer
-from tokenizer.length import lengths_from_eos
+from tokenizer.modeling.length import lengths_from_eos
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from diffusers import VQModel
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dove_vlm import DoveTokenizer, preset_config
-from tokenizer.text import byte_level_text_tokenizer
+from tokenizer.modeling.text import byte_level_text_tokenizer
 
 
 @pytest.fixture

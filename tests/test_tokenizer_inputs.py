@@ -151,7 +151,7 @@ def test_a_decompression_bomb_is_refused_with_its_name_everywhere(tiny_tokenizer
     import importlib.util
 
     from dove_vlm.cli import main
-    from tokenizer.image_processing import load_image
+    from tokenizer.modeling.image_processing import load_image
 
     bomb = _png_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 100_000
@@ -209,7 +209,7 @@ def test_output_arguments_of_the_wrong_kind_are_named(tmp_path, capsys):
         main(["reconstruct", "tests/assets/scene.png", "--checkpoint", "dove-tiny", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"argument --out: {tmp_path} is a directory" in capsys.readouterr().err
-    for command in (["train-tokenizer", "--preset", "dove-tiny", "--data", str(tmp_path), "--output"],
+    for command in (["train-tokenizer", "--recipe", "dove-tiny", "--data", str(tmp_path), "--output"],
                     ["make-shapes", "--n", "2", "--out"]):  # fmt: skip
         for target in (a_file, a_file / "sub"):
             with pytest.raises(SystemExit):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tokenizer_training_helpers import make_shapes_data, write_config
 
-from tokenizer.train import TokenizerTrainer, warmup_cosine
-from tokenizer.training_config import load_training_file
+from tokenizer.training.config import load_training_file
+from tokenizer.training.loop import TokenizerTrainer, warmup_cosine
 
 
 @pytest.fixture(scope="module")

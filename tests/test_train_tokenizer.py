@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tokenizer_training_helpers import MICRO_MODEL, cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 from tokenizer import DoveTokenizer
-from tokenizer.checkpointing import CheckpointManager
-from tokenizer.train import TokenizerTrainer, parameter_groups, warmup_cosine
-from tokenizer.training_config import TrainConfig, load_training_file, parse_training_setup
+from tokenizer.training.checkpointing import CheckpointManager
+from tokenizer.training.config import TrainConfig, load_training_file, parse_training_setup
+from tokenizer.training.loop import TokenizerTrainer, parameter_groups, warmup_cosine
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +40,21 @@ def test_config_errors_name_the_option(tmp_path):
         load_training_file(tmp_path / "missing.yaml")
 
 
-def test_training_presets_parse():
-    from dove_vlm.commands.train_tokenizer import available_training_presets, training_preset_path
+def test_training_recipes_parse():
+    from tokenizer.training.recipes import available_recipes, recipe_path
 
-    names = available_training_presets()
+    names = available_recipes()
     assert {"dove-tiny", "dove-pythia14m-amused256", "dove-pythia70m-amused256"} <= set(names)
     for name in names:  # the full presets train with LPIPS, so they need VGG16 weights named
-        setup = load_training_file(training_preset_path(name), overrides={"perceptual_weights": "vgg16.pth"})
+        setup = load_training_file(recipe_path(name), overrides={"perceptual_weights": "vgg16.pth"})
         assert setup.train.max_steps > 0
     with pytest.raises(ValueError, match="perceptual_weights"):
-        load_training_file(training_preset_path("dove-pythia70m-amused256"))
+        load_training_file(recipe_path("dove-pythia70m-amused256"))
 
 
 def test_parameter_groups_and_frozen_vq():
     setup = parse_training_setup({"model": MICRO_MODEL, "train": {"lr_vq": 1e-5, "lr_decoder": 2e-4}}, where="t")
-    from tokenizer.train import build_tokenizer
+    from tokenizer.training.loop import build_tokenizer
 
     model = build_tokenizer(setup.model)
     groups = {g["name"]: g for g in parameter_groups(model, setup.train)}
@@ -207,7 +207,7 @@ def test_a_mostly_unreadable_folder_is_warned_about(tmp_path, caplog):
     config = write_config(tmp_path / "run.yaml", max_steps=1, batch_size=6, checkpoint_every=0, codebook_init_images=0)
     setup = load_training_file(config)
     trainer = TokenizerTrainer(setup, data / "images", tmp_path / "run", progress=False)
-    with caplog.at_level("WARNING", logger="tokenizer.train"):
+    with caplog.at_level("WARNING", logger="tokenizer.training.loop"):
         trainer.train()
     assert any("2 of 6 images" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
 

@@ -1,9 +1,21 @@
-"""DOVE / Q-DOVE: images to a variable number of continuous visual tokens, and back."""
+"""DOVE / Q-DOVE: images to a variable number of continuous visual tokens, and back.
 
-from .config import DoveConfig
-from .image_processing import DoveImageProcessor, ImageLoadError, load_image
-from .modeling import CheckpointMismatchError, DoveEncoding, DoveTokenizer, Reconstruction
-from .presets import available_presets, preset_config
+Layout: `modeling/` is the model and all that loading it needs, `training/` trains it, `evaluation/`
+measures it; `hub.py` is the atomic, verified file I/O that all three and the VLM share.
+"""
+
+from .modeling import (
+    CheckpointMismatchError,
+    DoveConfig,
+    DoveEncoding,
+    DoveImageProcessor,
+    DoveTokenizer,
+    ImageLoadError,
+    Reconstruction,
+    available_presets,
+    load_image,
+    preset_config,
+)
 
 __all__ = [
     "CheckpointMismatchError",

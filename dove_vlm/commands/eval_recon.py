@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from tokenizer import DoveTokenizer
-    from tokenizer.data import build_dataset, collate_examples
-    from tokenizer.metrics import ReconstructionMetrics
+    from tokenizer.evaluation.metrics import ReconstructionMetrics
+    from tokenizer.training.data import build_dataset, collate_examples
 
     model = DoveTokenizer.from_pretrained(args.checkpoint).to(args.device).eval()
     for budget in args.budgets:

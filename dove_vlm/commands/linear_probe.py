@@ -53,8 +53,8 @@ def load_records(path: Path, label_key: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from tokenizer import DoveTokenizer
-    from tokenizer.data import list_images
-    from tokenizer.probe import fit_linear_probe, token_features
+    from tokenizer.evaluation.probe import fit_linear_probe, token_features
+    from tokenizer.training.data import list_images
 
     records = load_records(Path(args.labels), args.label_key)
     by_stem = {p.stem: p for p in list_images(args.images)}

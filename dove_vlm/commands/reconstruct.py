@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tokenizer.visualize import save_reconstruction_grid
+    from tokenizer.evaluation.visualize import save_reconstruction_grid
 
     from ..loading import load_tokenizer
 

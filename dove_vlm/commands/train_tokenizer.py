@@ -1,4 +1,4 @@
-"""`dove-vlm train-tokenizer`: train DOVE / Q-DOVE from a training preset or a YAML config.
+"""`dove-vlm train-tokenizer`: train DOVE / Q-DOVE from a training recipe or a YAML config.
 
 Multi-GPU: run the same command under `accelerate launch` or `torchrun` (see scripts/train_tokenizer.sh).
 """
@@ -6,24 +6,11 @@ Multi-GPU: run the same command under `accelerate launch` or `torchrun` (see scr
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
+from tokenizer.training.recipes import available_recipes, recipe_path
+
 from ._args import output_dir
-
-PRESET_PACKAGE = "dove_vlm.presets"
-
-
-def available_training_presets() -> list[str]:
-    files = resources.files(PRESET_PACKAGE).iterdir()
-    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
-
-
-def training_preset_path(name: str) -> Path:
-    known = available_training_presets()
-    if name not in known:
-        raise ValueError(f"unknown training preset {name!r}; known: {', '.join(known)}")
-    return Path(str(resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml")))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "grids to OUTPUT/samples and the final model to OUTPUT/final.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help=f"training preset: {', '.join(available_training_presets())}")
+    source.add_argument("--recipe", help=f"a packaged training recipe: {', '.join(available_recipes())}")
     source.add_argument("--config", help="training YAML with `model:` and `train:` sections")
     parser.add_argument("--data", required=True, help="image folder, save_to_disk dataset, .parquet, or hf://NAME")
     parser.add_argument("--annotations", help="Q-DOVE annotation JSON (image_id, question, answer, bounding_box)")
@@ -87,10 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenizer.train import train_tokenizer
-    from tokenizer.training_config import ModelSpec, load_training_file
+    from tokenizer.training.config import ModelSpec, load_training_file
+    from tokenizer.training.loop import train_tokenizer
 
-    path = training_preset_path(args.preset) if args.preset else Path(args.config)
+    path = recipe_path(args.recipe) if args.recipe else Path(args.config)
     overrides = {
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,

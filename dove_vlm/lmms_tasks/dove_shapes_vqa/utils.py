@@ -35,7 +35,7 @@ from loguru import logger as eval_logger
 from PIL import Image
 
 from dove_vlm.shapes import COLOURS, MAX_OBJECTS_LIMIT, SHAPES
-from tokenizer.image_processing import ImageLoadError, load_image, to_rgb
+from tokenizer.modeling.image_processing import ImageLoadError, load_image, to_rgb
 
 SHAPES_DIR_ENV = "DOVE_SHAPES_DIR"
 PARQUET_NAME = "vqa.parquet"

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .hub import atomic_directory
+from ..hub import atomic_directory
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .image_processing import DoveImageProcessor
+from ..modeling.image_processing import DoveImageProcessor
 
 Box = tuple[float, float, float, float]
 

@@ -6,8 +6,9 @@ and its forward runs with autocast off. Callers get latents in fp32 and cast the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -27,7 +28,7 @@ class VQBackbone(nn.Module):
             model = VQModel(**vq_config)
         self.model = model.float()
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "VQBackbone":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> VQBackbone:
         def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.is_floating_point():
                 target = fn(torch.zeros((), dtype=tensor.dtype, device=tensor.device))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .modeling import DoveTokenizer
+from ..modeling.dove_tokenizer import DoveTokenizer
 
 FEATURE_MODES = ("mean", "budget")
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..modeling.image_processing import DoveImageProcessor, ImageLoadError, load_image, to_rgb
 from .annotations import (
     AnnotationError,
     QueryRecord,
@@ -37,7 +38,6 @@ from .annotations import (
     parse_boxes,
     relevance_mask,
 )
-from .image_processing import DoveImageProcessor, ImageLoadError, load_image, to_rgb
 from .sampler import ResumableSampler
 
 logger = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, GPTNeoXModel, PreTrainedTokenizerBase
 
+from ..hub import atomic_directory, load_safetensors, resolve_pretrained_dir
 from .config import CONFIG_NAME, DoveConfig
 from .decoder import TokenDecoder
 from .generator import TokenGenerator
-from .hub import atomic_directory, load_safetensors, resolve_pretrained_dir
 from .image_processing import DoveImageProcessor, ImageInput
 from .length import lengths_from_eos, mask_from_lengths, resolve_budget
 from .presets import preset_config
@@ -57,7 +57,7 @@ class DoveEncoding:
         """One [L_i, D] tensor per image: what an LLM sees (no padding)."""
         return [self.tokens[i, : int(n)] for i, n in enumerate(self.lengths)]
 
-    def to(self, device: torch.device | str) -> "DoveEncoding":
+    def to(self, device: torch.device | str) -> DoveEncoding:
         return DoveEncoding(
             tokens=self.tokens.to(device),
             lengths=self.lengths.to(device),
@@ -100,7 +100,7 @@ class DoveTokenizer(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_preset(cls, name: str, text_tokenizer: PreTrainedTokenizerBase | None = None) -> "DoveTokenizer":
+    def from_preset(cls, name: str, text_tokenizer: PreTrainedTokenizerBase | None = None) -> DoveTokenizer:
         """A randomly initialised tokenizer of a named architecture (see `tokenizer.presets`)."""
         return cls(preset_config(name), text_tokenizer=text_tokenizer)
 
@@ -115,7 +115,7 @@ class DoveTokenizer(nn.Module):
         revision: str | None = None,
         dtype: torch.dtype | None = None,
         **overrides: Any,
-    ) -> "DoveTokenizer":
+    ) -> DoveTokenizer:
         """Initialise as the paper does: a pretrained VQGAN and a pretrained Pythia, new heads and decoder.
 
         `vq` is a `VQModel`, a local dir or a hub id (`amused/amused-256`, read from `vq_subfolder`);
@@ -162,7 +162,7 @@ class DoveTokenizer(nn.Module):
         revision: str | None = None,
         preset: str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "DoveTokenizer":
+    ) -> DoveTokenizer:
         """Load a checkpoint written by `save_pretrained` (a local dir or a hub id).
 
         With `preset`, the architecture comes from that preset and the checkpoint must match it; a

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .modeling import Reconstruction
+from ..modeling.dove_tokenizer import Reconstruction
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .config import DoveConfig
+from ..modeling.config import DoveConfig
+from ..modeling.presets import available_presets, preset_config
 from .losses import REGION_LOSSES
-from .presets import available_presets, preset_config
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "none")

@@ -54,7 +54,7 @@ class LPIPSMetric(nn.Module):
 
     def __init__(self, weights: str | os.PathLike) -> None:
         super().__init__()
-        from .perceptual import PerceptualLoss
+        from ..training.perceptual import PerceptualLoss
 
         self.perceptual = PerceptualLoss(weights)
 

@@ -45,16 +45,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..hub import remove_saved_files
+from ..modeling.dove_tokenizer import WEIGHTS_NAME, DoveTokenizer
+from ..modeling.length import lengths_from_eos, mask_from_lengths
 from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint, existing_run_error
+from .config import ModelSpec, TrainConfig, TrainingSetup
 from .data import SKIPPED_WARN_SHARE, build_dataset, collate_examples
 from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
-from .hub import remove_saved_files
-from .length import lengths_from_eos, mask_from_lengths
 from .length_control import LengthControl, sample_training_lengths
 from .losses import ReconstructionLoss, drop_queries
-from .modeling import WEIGHTS_NAME, DoveTokenizer
 from .sampler import ResumableSampler
-from .training_config import ModelSpec, TrainConfig, TrainingSetup
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
     if spec.text_tokenizer is not None:
         from transformers import AutoTokenizer
 
-        from .hub import resolve_pretrained_dir
+        from ..hub import resolve_pretrained_dir
 
         text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(spec.text_tokenizer))
     return DoveTokenizer(spec.architecture(), text_tokenizer=text_tokenizer)
@@ -820,7 +820,7 @@ class TokenizerTrainer:
         random numbers, so writing grids never changes the run."""
         if self.grid_pixels is None or not self.accelerator.is_main_process:
             return None
-        from .visualize import save_reconstruction_grid
+        from ..evaluation.visualize import save_reconstruction_grid
 
         budgets = sorted({b for b in self.config.grid_budgets if b <= self.tokenizer.max_tokens})
         was_training = self.tokenizer.training

@@ -76,7 +76,7 @@ class DoveConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "DoveConfig") -> "DoveConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "DoveConfig") -> DoveConfig:
         """Build from plain data, checking each field's type first; errors name `where` and the field.
 
         A config.json edited by hand ("max_tokens": "32") would otherwise fail deep inside model
@@ -101,7 +101,7 @@ class DoveConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "DoveConfig":
+    def load(cls, path: str | Path) -> DoveConfig:
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME

@@ -18,7 +18,7 @@ import lpips
 import torch
 from torch import nn
 
-from .hub import resolve_pretrained_dir
+from ..hub import resolve_pretrained_dir
 
 PERCEPTUAL_WEIGHTS_HINT = (
     "the perceptual (LPIPS) loss needs pretrained VGG16 weights: pass `torchvision` (torchvision's ImageNet "

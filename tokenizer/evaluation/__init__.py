@@ -1,0 +1,1 @@
+"""Measuring a trained tokenizer: reconstruction metrics, a linear probe of the tokens, reconstruction grids."""
