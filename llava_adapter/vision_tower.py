@@ -25,7 +25,7 @@ from torch import nn
 
 from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer, available_presets
 from tokenizer.hub import resolve_pretrained_dir
-from tokenizer.modeling.length import lengths_from_eos, resolve_budget
+from tokenizer.modeling.dove_tokenizer import BudgetInput
 
 TRAINABLE_PARTS = ("none", "eos_head", "generator")
 
@@ -152,58 +152,49 @@ class DoveVisionTower(nn.Module):
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
         queries: Sequence[str | None] | None = None,
-        budget: int | Sequence[int] | torch.Tensor | None = None,
+        budget: BudgetInput = None,
         threshold: float | None = None,
     ) -> list[torch.Tensor]:
         """Pixels [B,3,S,S] in [0,1] (or a list of [3,S,S] / [1,3,S,S]) -> B tensors of [L_i, hidden_size].
 
-        `queries` (one per image, None for none) are ignored when the tower was built with
-        `use_query=False`. Lengths come from the EOS head unless `budget` (or the tower's default budget)
-        forces them. `last_lengths` keeps the lengths of the latest call.
+        This is `DoveTokenizer.encode` plus what a tower adds: the tower's defaults (`use_query`,
+        `budget`, `threshold`), its frozen parts kept out of autograd and autocast, and `last_lengths` /
+        `last_eos_logits` kept from the latest call. Images must come preprocessed (`image_processor`), as
+        LLaVA's towers expect: a tensor of another size is refused rather than silently resized.
         """
         if not self.is_loaded:
             raise RuntimeError(f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first")
-        pixels = self._stack(images)
-        batch = pixels.shape[0]
-        budget = self.budget if budget is None else budget
-        forced = resolve_budget(budget, batch, self.num_patches)
-        query = (
-            self.tokenizer.tokenize_queries(list(queries), batch) if (self.use_query and queries is not None) else None
-        )
+        self._check_preprocessed(images)
         # A frozen tower computes in its own dtype even inside a training step's autocast, so the lengths
         # it picks while training are the lengths inference (and the visual-length cache) sees.
         frozen = not self.has_trainable_parameters
+        device_type = self.device.type
         with (
             torch.set_grad_enabled(torch.is_grad_enabled() and not frozen),
-            torch.autocast(
-                device_type=pixels.device.type, enabled=not frozen and torch.is_autocast_enabled(pixels.device.type)
-            ),
+            torch.autocast(device_type=device_type, enabled=not frozen and torch.is_autocast_enabled(device_type)),
         ):
-            tokens, eos_logits, _ = self.tokenizer(pixels, *(query or (None, None)))
-        if forced is not None:
-            lengths = forced.to(pixels.device)
-        else:
-            threshold = threshold if threshold is not None else self.threshold
-            threshold = self.config.eos_threshold if threshold is None else threshold
-            with torch.no_grad():
-                lengths = lengths_from_eos(torch.sigmoid(eos_logits.float()), threshold, self.config.min_tokens)
-        self.last_lengths = lengths.detach().cpu()
-        self.last_eos_logits = eos_logits
-        return [tokens[i, : int(n)] for i, n in enumerate(self.last_lengths)]
+            encoding = self.tokenizer.encode(
+                images,
+                queries=list(queries) if (self.use_query and queries is not None) else None,
+                budget=self.budget if budget is None else budget,
+                threshold=self.threshold if threshold is None else threshold,
+            )
+        self.last_lengths = encoding.lengths.detach().cpu()
+        self.last_eos_logits = encoding.eos_logits
+        return encoding.features()
 
-    def _stack(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def _check_preprocessed(self, images: torch.Tensor | Sequence[torch.Tensor]) -> None:
         if isinstance(images, torch.Tensor):
-            pixels = images if images.ndim == 4 else images.unsqueeze(0)
-        elif isinstance(images, Sequence) and images and all(isinstance(i, torch.Tensor) for i in images):
-            pixels = torch.cat([i if i.ndim == 4 else i.unsqueeze(0) for i in images], dim=0)
-        else:
+            images = [images]
+        if not isinstance(images, Sequence) or not images or not all(isinstance(i, torch.Tensor) for i in images):
             raise TypeError("images must be a tensor [B,3,S,S] or a non-empty list of image tensors")
         size = self.config.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
-            raise ValueError(
-                f"images must have shape [B, 3, {size}, {size}] (use tower.image_processor); got {tuple(pixels.shape)}"
-            )
-        return pixels.to(self.device)
+        for image in images:
+            if image.ndim not in (3, 4) or tuple(image.shape[-3:]) != (3, size, size):
+                raise ValueError(
+                    f"images must have shape [B, 3, {size}, {size}] (use tower.image_processor); "
+                    f"got {tuple(image.shape)}"
+                )
 
 
 def _read_config(name: str) -> DoveConfig:

@@ -45,13 +45,15 @@ class DoveEncoding:
     """A batch of variable-length token sequences, padded to N.
 
     `tokens` is zero after each image's end and `attention_mask` marks the kept positions; `eos_probs`
-    covers all N positions whatever the chosen lengths.
+    covers all N positions whatever the chosen lengths. `eos_logits` are the head's raw outputs [B, N],
+    with their autograd graph when encoding ran with gradients, so that a length objective can reach the head.
     """
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     attention_mask: torch.Tensor
     eos_probs: torch.Tensor
+    eos_logits: torch.Tensor | None = None
 
     def features(self) -> list[torch.Tensor]:
         """One [L_i, D] tensor per image: what an LLM sees (no padding)."""
@@ -63,6 +65,7 @@ class DoveEncoding:
             lengths=self.lengths.to(device),
             attention_mask=self.attention_mask.to(device),
             eos_probs=self.eos_probs.to(device),
+            eos_logits=None if self.eos_logits is None else self.eos_logits.to(device),
         )
 
 
@@ -326,7 +329,10 @@ class DoveTokenizer(nn.Module):
         threshold: float | None = None,
     ) -> DoveEncoding:
         """Tokenize a batch. Lengths come from the EOS head (`threshold`, default the config's) unless
-        `budget` forces them (an int for all images, or one per image)."""
+        `budget` forces them (an int for all images, or one per image).
+
+        This is the one way from images to tokens: the VLM's vision tower calls it too. It keeps the
+        autograd graph when gradients are on (the tower's trainable parts train through it)."""
         pixels = self.pixels(images)
         batch = pixels.shape[0]
         forced = resolve_budget(budget, batch, self.max_tokens)
@@ -341,7 +347,9 @@ class DoveTokenizer(nn.Module):
             )
         attention_mask = mask_from_lengths(lengths, self.max_tokens)
         tokens = tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
-        return DoveEncoding(tokens=tokens, lengths=lengths, attention_mask=attention_mask, eos_probs=eos_probs)
+        return DoveEncoding(
+            tokens=tokens, lengths=lengths, attention_mask=attention_mask, eos_probs=eos_probs, eos_logits=eos_logits
+        )
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
         """Tokens [B,L,D] (L <= N) and a length per image -> images [B,3,S,S] in [0,1]."""
