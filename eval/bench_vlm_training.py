@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 def prepare(workdir: Path, n_images: int, llm_hidden: int, llm_layers: int, seed: int = 0) -> dict[str, Path]:
     """Shapes data, a tower and an LLM, built once per settings and reused by later runs."""
     from dove_vlm.shapes import make_shapes
-    from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+    from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
+    from tokenizer.evaluation.stand_ins import calibrate_eos_head
     from tokenizer import DoveTokenizer
 
     shapes = workdir / f"shapes-{n_images}"

@@ -12,8 +12,9 @@ import torch
 
 from dove_vlm.shapes import make_shapes
 from llava_adapter.conversation import tower_query
-from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
+from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 
 @dataclass

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from llava_adapter.conversation import build_generation_prompt, parse_turns, render_conversation, tokenize_conversation
-from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
+from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 pytest.importorskip(
     "llava.model",

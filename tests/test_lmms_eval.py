@@ -27,8 +27,9 @@ from dove_vlm.lmms_tasks import TASKS_DIR
 from dove_vlm.shapes import make_shapes
 from llava_adapter import DoveLlavaForCausalLM
 from llava_adapter.inference import answer_questions
-from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
 from tokenizer import DoveTokenizer
+from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 TASK = "dove_shapes_vqa"
 LIMIT = 8

@@ -43,7 +43,7 @@ def test_length_history_counts_optimizer_steps(tmp_path, shapes):
     )  # fmt: skip
     trainer = TokenizerTrainer(load_training_file(config), shapes / "images", tmp_path / "run", progress=False)
     trainer.train()
-    assert len(trainer.length_control.recorded) == 3  # one entry per optimizer step, not per micro-batch
+    assert len(trainer.objective.length_control.recorded) == 3  # one entry per optimizer step, not per micro-batch
 
 
 def test_length_weight_ramp_starts_after_the_warmup_phases(tmp_path, shapes):
@@ -52,7 +52,7 @@ def test_length_weight_ramp_starts_after_the_warmup_phases(tmp_path, shapes):
         length_weight_max=1.0, length_ramp_steps=2, adversarial_start_step=100, checkpoint_every=0, log_every=1,
     )  # fmt: skip
     trainer = TokenizerTrainer(load_training_file(config), shapes / "images", tmp_path / "run", progress=False)
-    assert trainer.length_control.weight_at(3) == pytest.approx(0.01)  # step 3: the first with length control
+    assert trainer.objective.length_control.weight_at(3) == pytest.approx(0.01)  # step 3: the first with length control
     trainer.train()
     weights = [record.get("length/weight") for record in history(tmp_path / "run")]
     assert weights[:3] == [None, None, None]  # VQ warm-up and full-length steps: no length control

@@ -146,13 +146,13 @@ def test_full_length_steps_decode_from_every_token_before_lengths_vary(tmp_path,
     )  # fmt: skip
     trainer = TokenizerTrainer(load_training_file(config), shapes / "images", tmp_path / "run", progress=False)
     max_tokens = trainer.tokenizer.config.max_tokens
-    tau_before = trainer.length_control.threshold
+    tau_before = trainer.objective.length_control.threshold
     trainer.config.max_steps = 3  # the warm-up step and both full-length steps
     trainer.train()
     history = trainer_history(tmp_path / "run")
     assert [r.get("length/trained_mean") for r in history[1:3]] == [max_tokens, max_tokens]
     assert all("loss/length" not in r for r in history[1:3])
-    assert trainer.length_control.threshold == tau_before  # full-length errors would bias the threshold low
+    assert trainer.objective.length_control.threshold == tau_before  # full-length errors would bias the threshold low
 
     trainer.config.max_steps = 5
     trainer.train()
@@ -270,11 +270,11 @@ def test_two_gloo_processes_agree(tmp_path):
     data = make_shapes_data(tmp_path / "shapes", n=16)
     config = write_config(tmp_path / "run.yaml", max_steps=3, checkpoint_every=0)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               "-m", "dove_vlm.cli", "train-tokenizer", "--config", str(config), "--data", str(data / "images"),
-               "--annotations", str(data / "train" / "annotations.json"), "--output", str(out), "--no-progress"]  # fmt: skip
     probe = tmp_path / "params"
-    env = cli_env(DOVE_TEST_DUMP_PARAMS=str(probe))
+    script = Path(__file__).parent / "ddp_dump_params.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script),
+               str(config), str(data / "images"), str(data / "train" / "annotations.json"), str(out), str(probe)]  # fmt: skip
+    env = cli_env()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [load_file(str(probe / f"rank{r}.safetensors")) for r in range(2)]

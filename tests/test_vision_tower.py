@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_adapter.tiny_llm import calibrate_eos_head
 from llava_adapter.vision_tower import DoveVisionTower
 from tokenizer import DoveTokenizer
+from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 # What LLaVA's CLIP tower exposes and the rest of a LLaVA codebase reads.
 LLAVA_TOWER_MEMBERS = (

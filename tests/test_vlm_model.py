@@ -21,8 +21,9 @@ from llava_adapter import (
     tokenize_conversation,
     tokenize_generation_prompt,
 )
-from llava_adapter.tiny_llm import build_tiny_llm, calibrate_eos_head, train_tiny_tokenizer
+from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
 from tokenizer import DoveTokenizer, ImageLoadError
+from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 TEXTS = [
     "What color is the circle? The circle is red.",

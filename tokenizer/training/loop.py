@@ -5,18 +5,14 @@ plus its codebook loss: a VQ trained from scratch must mean something before tok
 The next `full_length_steps` (0 by default) decode every image from all N tokens, without length control:
 tokens first learn to describe the image, then to put what matters most first.
 
-One optimiser step (per micro-batch, `gradient_accumulation_steps` of them per step):
+One micro-step (`gradient_accumulation_steps` of them per optimiser step):
 
-    pixels, query --model--> all N tokens, EOS logits, the VQ's latents of the input
+    pixels, query --TrainingModel--> all N tokens, EOS logits, the VQ's latents of the input
     predicted length = first EOS past the threshold (no gradient)
     training length  = the predicted one or a uniform draw (`sample_training_lengths`), per sample
     tokens[:L] --token decoder--> latent grid --VQ decoder--> reconstruction
-    loss = region-weighted MSE (+ LPIPS)                                   reconstruction, Q-DOVE-aware
-         + latent_weight * MSE(decoded latents, input latents) / Var(input latents)   optional
-         + codebook_weight * VQ codebook/commitment loss                 only while the VQ trains
-         + adversarial_weight * adaptive * hinge_g(D(reconstruction))   from `adversarial_start_step`
-         + length control (EOS earlier when the sample beat the running threshold, later when not)
-    then the discriminator takes its own hinge step on (input, reconstruction).
+    generator loss (`TokenizerObjective`, objective.py) -> backward, clip, step
+    discriminator loss on (input, reconstruction) -> backward, clip, step      from `adversarial_start_step`
 
 The VQ stays in fp32 whatever `mixed_precision` says (`VQBackbone` refuses casts and turns autocast off);
 the generator and decoder run under autocast. Checkpoints (see `checkpointing`) resume exactly: weights,
@@ -40,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -51,9 +46,10 @@ from ..modeling.length import lengths_from_eos, mask_from_lengths
 from .checkpointing import CheckpointManager, RNGState, TrainingCheckpoint, existing_run_error
 from .config import ModelSpec, TrainConfig, TrainingSetup
 from .data import SKIPPED_WARN_SHARE, build_dataset, collate_examples
-from .discriminator import PatchDiscriminator, adaptive_adversarial_weight, hinge_d_loss, hinge_g_loss
+from .discriminator import PatchDiscriminator
 from .length_control import LengthControl, sample_training_lengths
-from .losses import ReconstructionLoss, drop_queries
+from .losses import drop_queries
+from .objective import TokenizerObjective
 from .sampler import ResumableSampler
 
 logger = logging.getLogger(__name__)
@@ -62,9 +58,6 @@ FINAL_DIR = "final"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
-# Test hook: a directory where each process writes its final parameters (rank{r}.safetensors), so a test can
-# check that DDP processes ended with identical weights. Unset in normal use.
-DUMP_PARAMS_ENV = "DOVE_TEST_DUMP_PARAMS"
 
 
 def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
@@ -273,20 +266,7 @@ class TokenizerTrainer:
         self.discriminator = PatchDiscriminator(
             base_channels=config.discriminator_channels, n_layers=config.discriminator_layers
         )
-        self.rec_loss = ReconstructionLoss(
-            mse_weight=config.mse_weight,
-            perceptual_weight=config.perceptual_weight,
-            perceptual=config.perceptual_weights,
-            region_lambda=config.region_lambda,
-            region_loss=config.region_loss,
-        )
-        self.length_control = LengthControl(
-            history=config.length_history,
-            weight_start=config.length_weight_start,
-            weight_max=config.length_weight_max,
-            ramp_steps=config.length_ramp_steps,
-            start_step=config.vq_warmup_steps + config.full_length_steps,  # the first step with length control
-        )
+        self.objective = TokenizerObjective(config, config.vq_warmup_steps, config.full_length_steps)
         betas = (config.adam_beta1, config.adam_beta2)
         gen_optimizer = torch.optim.AdamW(parameter_groups(tokenizer, config), betas=betas)
         disc_optimizer = torch.optim.AdamW(
@@ -319,7 +299,6 @@ class TokenizerTrainer:
         self.skipped_images = 0
         self.images_seen = 0
         self.resumed_from: Path | None = None
-        self._judged_totals: torch.Tensor | None = None  # this optimizer step's judged losses (see `_add_judgements`)
 
         checkpoint = self._find_checkpoint(resume)
         if checkpoint is None and config.codebook_init_images > 0:
@@ -334,7 +313,7 @@ class TokenizerTrainer:
         self.train_model, self.disc_model, self.gen_optimizer, self.disc_optimizer = accelerator.prepare(
             TrainingModel(tokenizer), self.discriminator, gen_optimizer, disc_optimizer
         )
-        self.rec_loss.to(accelerator.device)
+        self.objective.to(accelerator.device)
         self.last_layer = last_trainable_layer(tokenizer)
         self.grid_pixels = self._grid_examples()
         if checkpoint is not None:
@@ -416,7 +395,7 @@ class TokenizerTrainer:
         scaler = self.accelerator.scaler
         if scaler is not None and optimizers.get("scaler"):
             scaler.load_state_dict(optimizers["scaler"])
-        self.length_control.load_state_dict(state["length_control"])
+        self.objective.length_control.load_state_dict(state["length_control"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = checkpoint.step
         if self.config.vq_warmup_steps and not self.in_vq_warmup:
@@ -449,7 +428,7 @@ class TokenizerTrainer:
             }
             state = {
                 "sampler": self.sampler.state_dict(),
-                "length_control": self.length_control.state_dict(),
+                "length_control": self.objective.length_control.state_dict(),
                 "skipped_images": self.skipped_images,
                 "images_seen": self.images_seen,
                 "world_size": accelerator.num_processes,
@@ -481,175 +460,73 @@ class TokenizerTrainer:
             predicted.cpu(), cfg.max_tokens, cfg.min_tokens, self.config.uniform_length_fraction, generator=self.rng
         )
 
-    def _judgement_kinds(self, queries: list[str], device: torch.device) -> torch.Tensor:
-        """Which running threshold judges each sample: with the paper's loss a sample with a question is judged
-        by its boxes' mean and gets the question threshold; all others the whole-image one."""
-        with_question = [bool(q) and self.config.region_loss == "paper" for q in queries]
-        return torch.tensor(
-            [LengthControl.QUESTION if q else LengthControl.WHOLE_IMAGE for q in with_question], device=device
-        )
-
-    def _add_judgements(
-        self, judged: torch.Tensor, kinds: torch.Tensor, asked: torch.Tensor | None, dropped: list[bool]
-    ) -> None:
-        """Add one micro-batch's contributions to each threshold's history to the optimizer step's totals.
-
-        Whole images: their judged loss, the whole image's mean. Questions: NOT the judged loss of samples with
-        a question, but the error that whole-image reconstructions leave in a question's boxes, read off the
-        samples whose question was dropped (`asked`). A box mean and a whole-image mean are not on one scale
-        (a box sits on an object, a whole image is mostly background that any token reconstructs), and a
-        threshold made of questions' own losses would only rank questions against each other. This one asks
-        of each question what Q-DOVE promises: its tokens must reconstruct its boxes at least as well as a
-        reconstruction of the whole image does, and they may stop as soon as they do. Without dropped
-        questions in the history yet, questions are judged against their own batch mean.
-        """
-        judged = judged.detach().float()
-        whole = kinds == LengthControl.WHOLE_IMAGE
-        sums = [judged[whole].sum()]
-        counts = [whole.sum().float()]
-        mask = torch.tensor(dropped, device=judged.device)
-        if asked is not None and bool(mask.any()):
-            sums.append(asked.detach().float()[mask].sum())
-            counts.append(mask.sum().float())
-        else:
-            sums.append(judged.new_zeros(()))
-            counts.append(judged.new_zeros(()))
-        totals = torch.cat([torch.stack(sums), torch.stack(counts)])
-        self._judged_totals = totals if self._judged_totals is None else self._judged_totals + totals
-
-    def _record_judgements(self) -> None:
-        """At the end of an optimizer step: record each kind's mean judged loss over the step's micro-batches on
-        every process, so the history's `length_history` entries are optimizer steps whatever the gradient
-        accumulation, and tau is the same on all processes."""
-        totals, self._judged_totals = self._judged_totals, None
-        if totals is None:
-            return
-        totals = self._summed(totals)
-        for kind in range(LengthControl.KINDS):
-            count = float(totals[LengthControl.KINDS + kind])
-            if count > 0:
-                self.length_control.update(totals[kind] / count, kind=kind)
-
     def _vq_warmup_step(self, batch: dict[str, Any], log: bool) -> dict[str, float]:
         """One micro-step of the VQ autoencoder alone. On logging steps the token path's reconstruction loss
         is measured too (no gradient), so `loss/reconstruction` means the same thing throughout a run."""
-        accelerator, config = self.accelerator, self.config
+        accelerator = self.accelerator
         pixels = batch["pixels"].to(accelerator.device)
         with accelerator.accumulate(self.train_model, self.disc_model):
             out = self.train_model(pixels, None, None, self._choose_lengths, vq_only=True)
-            vq_rec = F.mse_loss(out["vq_recon"].float(), pixels.float())
-            total = vq_rec
-            if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
-                total = total + config.codebook_weight * out["codebook_loss"]
-            accelerator.backward(total)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.train_model.parameters(), config.max_grad_norm)
-            self.gen_optimizer.step()
-            self.gen_optimizer.zero_grad(set_to_none=True)
-        logs = {"loss/vq_reconstruction": vq_rec.item(), "loss/total": total.item(), "length/predicted_mean": 0.0}
+            loss = self.objective.vq_warmup_loss(out, pixels)
+            self._optimizer_step(self.gen_optimizer, self.train_model, loss.total)
+        logs = loss.logs
         if log:
             with torch.no_grad():
                 model = accelerator.unwrap_model(self.train_model)
                 token_path = model(pixels, None, None, self._choose_lengths)
-                logs["loss/reconstruction"] = self.rec_loss(token_path["recon"], pixels).total.item()
+                logs["loss/reconstruction"] = self.objective.rec_loss(token_path["recon"], pixels).total.item()
                 logs["length/predicted_mean"] = token_path["predicted_lengths"].float().mean().item()
         return logs
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor) -> float | None:
+        """Backward, clip on the micro-batch that ends an accumulation, step (accelerate skips the others)."""
+        self.accelerator.backward(loss)
+        norm = None
+        if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+            norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def _micro_step(self, batch: dict[str, Any], log: bool = False) -> dict[str, float]:
         if self.in_vq_warmup:
             return self._vq_warmup_step(batch, log)
         if self.config.vq_warmup_steps and self.step == self.config.vq_warmup_steps:
             self._freeze_vq_parts()  # idempotent; the first step after the warm-up
-        accelerator, config = self.accelerator, self.config
-        device = accelerator.device
-        pixels = batch["pixels"].to(device)
-        relevance = batch["relevance"].to(device)
+        accelerator, config, objective = self.accelerator, self.config, self.objective
+        pixels = batch["pixels"].to(accelerator.device)
+        relevance = batch["relevance"].to(accelerator.device)
         queries = list(batch["queries"])
         asked = relevance  # each question's own boxes, also where the question is dropped below
+        dropped = [False] * len(queries)
         if self.with_queries:
             asked_queries = queries
             queries, relevance = drop_queries(queries, relevance, config.query_drop_prob, generator=self.rng)
-            dropped = [bool(a) and not q and config.region_loss == "paper" for a, q in zip(asked_queries, queries)]
-        else:
-            dropped = [False] * len(queries)
+            dropped = objective.dropped_questions(asked_queries, queries)
         query = self.tokenizer.tokenize_queries(queries, pixels.shape[0])
         query_ids, query_mask = query if query is not None else (None, None)
-        adversarial = config.adversarial_weight > 0 and self.step >= config.adversarial_start_step
+        adversarial = objective.adversarial_factor(self.step) > 0
 
         with accelerator.accumulate(self.train_model, self.disc_model):
             out = self.train_model(pixels, query_ids, query_mask, self._choose_lengths)
-            recon = out["recon"]
-            rec = self.rec_loss(recon, pixels, relevance, asked=asked if any(dropped) else None)
-            total = rec.total
-            logs = {"loss/reconstruction": rec.total.item(), "loss/mse": rec.mse.item()}
-            if self.rec_loss.perceptual is not None:
-                logs["loss/perceptual"] = rec.perceptual.item()
-            if config.latent_weight > 0:
-                # Relative to the latents' own variance: scale-free, so one weight suits aMUSEd's latents and a
-                # from-scratch encoder's unbounded continuous ones (raw MSE reached 30 there and drowned the rest).
-                # With the paper's loss it splits by region like the pixel loss: a cell is relevant if any of
-                # its pixels is. Over the whole grid it would keep asking a question's tokens for everything.
-                target = out["target_latents"].detach().float()
-                squared = (out["latents"].float() - target).pow(2).mean(dim=1, keepdim=True)
-                squared = squared / target.var().clamp(min=1e-6)
-                if config.region_loss == "paper":
-                    cells = F.adaptive_max_pool2d(relevance.float(), squared.shape[-2:])
-                    latent = self.rec_loss.combine_regions(squared, cells)[0].mean()
-                else:
-                    latent = squared.mean()
-                total = total + config.latent_weight * latent
-                logs["loss/latent"] = latent.item()
-            if config.codebook_weight > 0 and out["codebook_loss"].requires_grad:
-                total = total + config.codebook_weight * out["codebook_loss"]
-                logs["loss/codebook"] = float(out["codebook_loss"].item())
+            loss = objective.generator_loss(
+                out, pixels, relevance, queries, asked, dropped, self.step,
+                discriminator=accelerator.unwrap_model(self.disc_model) if adversarial else None,
+                last_layer=self.last_layer, autocast=accelerator.autocast, full_length=self.in_full_length_phase,
+            )  # fmt: skip
+            logs = loss.logs
+            norm = self._optimizer_step(self.gen_optimizer, self.train_model, loss.total)
+            if norm is not None:
+                logs["grad_norm/generator"] = norm
             if adversarial:
-                disc = accelerator.unwrap_model(self.disc_model)
-                frozen = {name: p.detach() for name, p in disc.named_parameters()}
-                with accelerator.autocast():
-                    fake_logits = torch.func.functional_call(disc, frozen, (recon,))
-                g_loss = hinge_g_loss(fake_logits)
-                weight = torch.tensor(1.0, device=device)
-                if config.adaptive_adversarial_weight:
-                    weight = adaptive_adversarial_weight(rec.total, g_loss, self.last_layer)
-                total = total + config.adversarial_weight * weight * g_loss
-                logs["loss/generator_adversarial"] = g_loss.item()
-                logs["adversarial/adaptive_weight"] = weight.item()
-            full_length = self.in_full_length_phase
-            if not full_length:  # at full length every sample is judged at N tokens: nothing to learn or track
-                judged = self.rec_loss.length_judgement(rec, relevance)
-                kinds = self._judgement_kinds(queries, device)
-                length_loss = self.length_control.loss(
-                    out["eos_logits"], out["lengths"], judged, self.step, kinds=kinds
-                )
-                total = total + length_loss
-                logs["loss/length"] = length_loss.item()
-                logs["length/weight"] = self.length_control.weight_at(self.step)
-            logs["loss/total"] = total.item()
-
-            accelerator.backward(total)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(self.train_model.parameters(), config.max_grad_norm)
-                logs["grad_norm/generator"] = float(norm)
-            self.gen_optimizer.step()
-            self.gen_optimizer.zero_grad(set_to_none=True)
-
-            if adversarial:
-                with accelerator.autocast():
-                    logits = self.disc_model(torch.cat([pixels, recon.detach().clamp(0, 1)]))
-                real_logits, fake_logits = logits.chunk(2)
-                d_loss = hinge_d_loss(real_logits, fake_logits)
-                accelerator.backward(d_loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(self.disc_model.parameters(), config.max_grad_norm)
-                self.disc_optimizer.step()
-                self.disc_optimizer.zero_grad(set_to_none=True)
+                d_loss = objective.discriminator_loss(self.disc_model, pixels, out["recon"], accelerator.autocast)
+                self._optimizer_step(self.disc_optimizer, self.disc_model, d_loss)
                 logs["loss/discriminator"] = d_loss.item()
 
-        if not full_length:
-            self._add_judgements(judged, kinds, rec.asked_per_sample, dropped)
-        if self.length_control.threshold is not None:
-            logs["length/threshold"] = float(self.length_control.threshold)
-        question_tau = self.length_control.threshold_of(LengthControl.QUESTION)
+        objective.add_judgements(loss)
+        if objective.length_control.threshold is not None:
+            logs["length/threshold"] = float(objective.length_control.threshold)
+        question_tau = objective.length_control.threshold_of(LengthControl.QUESTION)
         if question_tau is not None:
             logs["length/threshold_question"] = float(question_tau)
         logs["length/predicted_mean"] = out["predicted_lengths"].float().mean().item()
@@ -693,7 +570,7 @@ class TokenizerTrainer:
                     micro += 1
                     if micro % config.gradient_accumulation_steps:
                         continue
-                    self._record_judgements()
+                    self.objective.record_judgements(self._summed)
                     self.gen_schedule.step()
                     self.disc_schedule.step()
                     self.step += 1
@@ -728,7 +605,6 @@ class TokenizerTrainer:
         bar.close()
         if not config.checkpoint_every or self.step % config.checkpoint_every:
             self.save_checkpoint()
-        self._dump_parameters()
         final = self.output_dir / FINAL_DIR
         if accelerator.is_main_process:
             self.tokenizer.save_pretrained(final)
@@ -743,19 +619,6 @@ class TokenizerTrainer:
             history=history,
             skipped_images=skipped,
         )
-
-    def _dump_parameters(self) -> None:
-        directory = os.environ.get(DUMP_PARAMS_ENV)
-        if not directory:
-            return
-        from safetensors.torch import save_file
-
-        tensors = {f"model.{k}": v for k, v in self.tokenizer.state_dict().items()}
-        disc = self.accelerator.unwrap_model(self.disc_model)
-        tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        path = Path(directory) / f"rank{self.accelerator.process_index}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
     def _all_processes_have_images(self, batch: dict[str, Any]) -> bool:
         """A batch whose every image was corrupt is skipped, by all processes together (one alone would hang DDP)."""
