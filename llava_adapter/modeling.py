@@ -31,17 +31,17 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from typing_extensions import Unpack
 
 from tokenizer import DoveConfig, DoveTokenizer
 from tokenizer.hub import atomic_directory, corrupt_weights_error, resolve_pretrained_dir
-from tokenizer.modeling.dove_tokenizer import TEXT_TOKENIZER_DIR, WEIGHTS_NAME
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .projectors import build_projector, load_projector_weights, projector_state_dict
@@ -85,6 +85,27 @@ class DoveLlavaConfig(PretrainedConfig):
     model_max_length: int | None = None
     conversation_template: str = "auto"
     tie_word_embeddings: bool = False
+
+
+class VisionKwargs(TypedDict, total=False):
+    """The vision path's per-image options, taken alike by `forward`, `generate` and `prepare_multimodal_inputs`.
+
+    `image_sample_mask` ([B] bool): images come one per sample and only these rows are real. `queries`:
+    one question per image for Q-DOVE (ignored when the tower's `use_query` is off). `budget`: force each
+    image's length (an int, or one per image). `threshold`: the EOS threshold for automatic lengths.
+    `sample_ids`: names for samples in error messages and warnings.
+    """
+
+    image_sample_mask: torch.Tensor | None
+    queries: Sequence[str | None] | None
+    budget: int | Sequence[int] | torch.Tensor | None
+    threshold: float | None
+    sample_ids: Sequence[Any] | None
+
+
+def _pop_vision_kwargs(kwargs: dict[str, Any]) -> VisionKwargs:
+    """Take the vision options out of `kwargs`, leaving what the LLM itself accepts."""
+    return VisionKwargs(**{name: kwargs.pop(name) for name in VisionKwargs.__annotations__ if name in kwargs})
 
 
 @dataclass
@@ -271,12 +292,8 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         images: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        image_sample_mask: torch.Tensor | None = None,
-        queries: Sequence[str | None] | None = None,
-        budget: int | Sequence[int] | torch.Tensor | None = None,
-        threshold: float | None = None,
-        sample_ids: Sequence[Any] | None = None,
         padding_side: str = "right",
+        **vision: Unpack[VisionKwargs],
     ) -> MultimodalBatch:
         """Token ids with `<image>` placeholders -> the embeddings, mask, positions and labels the LLM sees.
 
@@ -287,7 +304,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         batch_size = input_ids.shape[0]
-        names = _sample_names(sample_ids, batch_size)
+        names = _sample_names(vision.get("sample_ids"), batch_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is not None and labels.shape != input_ids.shape:
@@ -297,12 +314,14 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         placeholder = input_ids == image_token_id
         is_image = placeholder & real
         counts = is_image.sum(dim=1).tolist()
-        images, queries, budget = _select_images(images, image_sample_mask, queries, budget, batch_size)
+        images, queries, budget = _select_images(
+            images, vision.get("image_sample_mask"), vision.get("queries"), vision.get("budget"), batch_size
+        )
         _check_image_count(counts, 0 if images is None else len(images), names)
 
         visual: list[torch.Tensor] = []
         if images is not None and len(images) > 0:
-            visual = self.encode_images(images, queries=queries, budget=budget, threshold=threshold)
+            visual = self.encode_images(images, queries=queries, budget=budget, threshold=vision.get("threshold"))
         visual_lengths = [int(v.shape[0]) for v in visual]
         self.last_visual_lengths = visual_lengths
 
@@ -363,11 +382,6 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         images: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        image_sample_mask: torch.Tensor | None = None,
-        queries: Sequence[str | None] | None = None,
-        budget: int | Sequence[int] | torch.Tensor | None = None,
-        threshold: float | None = None,
-        sample_ids: Sequence[Any] | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Any | None = None,
@@ -378,9 +392,11 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         them; the output's `labels`, `attention_mask` and `logits` align with the expanded sequence.
 
         `images`: [N,3,S,S] (or a list of N [3,S,S]) in [0,1], one per `<image>` placeholder in reading
-        order; or one per sample with `image_sample_mask`. `queries` / `budget` are per image like `images`.
-        `sample_ids` only name samples in error messages and warnings.
+        order; or one per sample with `image_sample_mask`. The vision options (`VisionKwargs`: `queries`,
+        `budget`, `threshold`, `image_sample_mask`, `sample_ids`) are per image like `images`; any other
+        keyword goes to the LLM.
         """
+        vision = _pop_vision_kwargs(kwargs)
         if inputs_embeds is not None:  # already spliced (e.g. a continuation step): straight to the LLM
             out = self.llm(
                 inputs_embeds=inputs_embeds,
@@ -397,16 +413,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         if input_ids is None:
             raise ValueError("forward needs input_ids (or inputs_embeds)")
         batch = self.prepare_multimodal_inputs(
-            input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            images=images,
-            image_sample_mask=image_sample_mask,
-            queries=queries,
-            budget=budget,
-            threshold=threshold,
-            sample_ids=sample_ids,
-            padding_side="right",
+            input_ids, attention_mask=attention_mask, labels=labels, images=images, padding_side="right", **vision
         )
         out = self.llm(
             inputs_embeds=batch.inputs_embeds,
@@ -433,32 +440,19 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        queries: Sequence[str | None] | None = None,
-        budget: int | Sequence[int] | torch.Tensor | None = None,
-        threshold: float | None = None,
-        image_sample_mask: torch.Tensor | None = None,
-        sample_ids: Sequence[Any] | None = None,
-        **generation_kwargs: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Splice (left padding) and run the LLM's `generate`; returns only the new token ids [B, T_new].
 
-        `generation_kwargs` go to `transformers` `generate` (`max_new_tokens`, `do_sample`, ...).
+        The vision options (`VisionKwargs`) are taken as in `forward`; every other keyword goes to
+        `transformers`' `generate` (`max_new_tokens`, `do_sample`, ...).
         `last_visual_lengths` holds each image's token count afterwards.
         """
+        vision = _pop_vision_kwargs(kwargs)
         batch = self.prepare_multimodal_inputs(
-            input_ids,
-            attention_mask=attention_mask,
-            images=images,
-            image_sample_mask=image_sample_mask,
-            queries=queries,
-            budget=budget,
-            threshold=threshold,
-            sample_ids=sample_ids,
-            padding_side="left",
+            input_ids, attention_mask=attention_mask, images=images, padding_side="left", **vision
         )
-        return self.llm.generate(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **generation_kwargs
-        )
+        return self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ save / load
 
@@ -494,7 +488,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         # and a kill mid-save leaves the previous model loadable (see `atomic_directory`).
         with atomic_directory(directory, owned=ADAPTER_FILES) as staging:
             self.config.save_pretrained(staging)
-            _save_tower(self.vision_tower.tokenizer, staging / TOWER_DIR, parts[_TOWER_PREFIX])
+            self.vision_tower.tokenizer.save_pretrained(staging / TOWER_DIR, state_dict=parts[_TOWER_PREFIX])
             save_file(
                 projector_state_dict(self.mm_projector, parts[_PROJECTOR_PREFIX]),
                 str(staging / PROJECTOR_FILE),
@@ -692,17 +686,6 @@ def _base_weights(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
         clean[key] = value
     return clean
-
-
-def _save_tower(tokenizer: DoveTokenizer, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
-    if state is None:
-        tokenizer.save_pretrained(directory)
-        return
-    with atomic_directory(directory) as staging:
-        tokenizer.config.save(staging)
-        weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(weights, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        tokenizer.text_tokenizer.save_pretrained(staging / TEXT_TOKENIZER_DIR)
 
 
 register_auto_classes()

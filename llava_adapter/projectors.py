@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tokenizer.hub import load_safetensors, load_state_dict_exactly
+
 PROJECTOR_KEY = "mm_projector."
 _MLP_PATTERN = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -55,8 +57,6 @@ def load_projector_weights(projector: nn.Module, path: str | os.PathLike) -> Non
     if not path.is_file():
         raise FileNotFoundError(f"projector weights not found: {path}")
     if path.suffix == ".safetensors":
-        from tokenizer.hub import load_safetensors
-
         raw = load_safetensors(path)
     else:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,19 +66,4 @@ def load_projector_weights(projector: nn.Module, path: str | os.PathLike) -> Non
     if not state:
         shown = ", ".join(sorted(raw)[:8]) or "nothing"
         raise ValueError(f"{path} holds no '{PROJECTOR_KEY}*' tensors (found: {shown})")
-    own = projector.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshapen:
-        details = []
-        if missing:
-            details.append(f"missing {missing}")
-        if unexpected:
-            details.append(f"unexpected {unexpected}")
-        if misshapen:
-            details.append(
-                "misshapen " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshapen)
-            )
-        raise ValueError(f"projector weights in {path} do not fit this projector: " + "; ".join(details))
-    projector.load_state_dict(state, strict=True)
+    load_state_dict_exactly(projector, state, f"projector weights in {path}")

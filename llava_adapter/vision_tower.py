@@ -18,14 +18,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer, available_presets
-from tokenizer.hub import resolve_pretrained_dir
-from tokenizer.modeling.dove_tokenizer import BudgetInput
+from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer
+from tokenizer.modeling.dove_tokenizer import BudgetInput, config_from_name
 
 TRAINABLE_PARTS = ("none", "eos_head", "generator")
 
@@ -60,7 +58,7 @@ class DoveVisionTower(nn.Module):
             self._attach(tower_path_or_preset)
         else:
             self.vision_tower_name = str(tower_path_or_preset)
-            self.cfg_only = _read_config(self.vision_tower_name)
+            self.cfg_only = config_from_name(self.vision_tower_name)
             if not delay_load:
                 self.load_model()
         self.image_processor = (
@@ -74,9 +72,7 @@ class DoveVisionTower(nn.Module):
         if self.is_loaded:
             return
         name = self.vision_tower_name
-        tokenizer = (
-            DoveTokenizer.from_preset(name) if name in available_presets() else DoveTokenizer.from_pretrained(name)
-        )
+        tokenizer = DoveTokenizer.from_name(name)
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
             tokenizer = tokenizer.to(device_map)
         self._attach(tokenizer)
@@ -195,12 +191,3 @@ class DoveVisionTower(nn.Module):
                     f"images must have shape [B, 3, {size}, {size}] (use tower.image_processor); "
                     f"got {tuple(image.shape)}"
                 )
-
-
-def _read_config(name: str) -> DoveConfig:
-    """The architecture without the weights, so `delay_load=True` can still answer `hidden_size` & co."""
-    if name in available_presets():
-        from tokenizer import preset_config
-
-        return preset_config(name)
-    return DoveConfig.load(Path(resolve_pretrained_dir(name)))

@@ -73,6 +73,30 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         raise corrupt_weights_error(path, err) from err
 
 
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the architecture; the message names the keys."""
+
+
+def load_state_dict_exactly(module: Any, state: dict[str, Any], what: str) -> None:
+    """Load `state` into `module` only if every key and shape matches, else raise CheckpointMismatchError
+    naming what is misshapen, missing or unexpected (`what` says whose weights, e.g. the file)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        parts = []
+        if misshapen:
+            shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshapen[:8])
+            parts.append(f"{len(misshapen)} misshapen (checkpoint vs model): {shown}")
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}")
+        raise CheckpointMismatchError(f"{what} does not match: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, owned: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging directory; on success its files replace their namesakes in `target`.

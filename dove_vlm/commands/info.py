@@ -13,12 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import load_tokenizer
+    from tokenizer import DoveTokenizer
 
-    model = load_tokenizer(args.checkpoint)
+    model = DoveTokenizer.from_name(args.checkpoint)
     config = model.config
     print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    print(f"latent grid: {config.grid_size}x{config.grid_size}x{config.latent_channels}; max tokens {config.max_tokens}")
+    print(
+        f"latent grid: {config.grid_size}x{config.grid_size}x{config.latent_channels}; max tokens {config.max_tokens}"
+    )
     for part, count in model.num_parameters_by_part().items():
         print(f"{part:>10}: {count:,} parameters")
     return 0

@@ -22,11 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from tokenizer import DoveTokenizer
     from tokenizer.evaluation.visualize import save_reconstruction_grid
 
-    from ..loading import load_tokenizer
-
-    model = load_tokenizer(args.checkpoint).to(args.device).eval()
+    model = DoveTokenizer.from_name(args.checkpoint).to(args.device).eval()
     for budget in args.budgets:
         if not 1 <= budget <= model.max_tokens:
             raise ValueError(f"--budgets: {budget} is outside [1, {model.max_tokens}] for this model")

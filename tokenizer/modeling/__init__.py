@@ -4,8 +4,9 @@
 lives in this subpackage, so inference never imports the training code.
 """
 
+from ..hub import CheckpointMismatchError
 from .config import DoveConfig
-from .dove_tokenizer import CheckpointMismatchError, DoveEncoding, DoveTokenizer, Reconstruction
+from .dove_tokenizer import DoveEncoding, DoveTokenizer, Reconstruction
 from .image_processing import DoveImageProcessor, ImageLoadError, load_image
 from .presets import available_presets, preset_config
 

@@ -19,13 +19,18 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, GPTNeoXModel, PreTrainedTokenizerBase
 
-from ..hub import atomic_directory, load_safetensors, resolve_pretrained_dir
+from ..hub import (
+    atomic_directory,
+    load_safetensors,
+    load_state_dict_exactly,
+    resolve_pretrained_dir,
+)
 from .config import CONFIG_NAME, DoveConfig
 from .decoder import TokenDecoder
 from .generator import TokenGenerator
 from .image_processing import DoveImageProcessor, ImageInput
 from .length import lengths_from_eos, mask_from_lengths, resolve_budget
-from .presets import preset_config
+from .presets import available_presets, preset_config
 from .text import byte_level_text_tokenizer, load_text_tokenizer, prepare_query_tokenizer
 from .vq import VQBackbone
 
@@ -34,10 +39,6 @@ TEXT_TOKENIZER_DIR = "text_tokenizer"
 
 QueryInput = str | Sequence[str | None] | None
 BudgetInput = int | Sequence[int] | torch.Tensor | None
-
-
-class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the architecture; the message names the keys."""
 
 
 @dataclass
@@ -106,6 +107,20 @@ class DoveTokenizer(nn.Module):
     def from_preset(cls, name: str, text_tokenizer: PreTrainedTokenizerBase | None = None) -> DoveTokenizer:
         """A randomly initialised tokenizer of a named architecture (see `tokenizer.presets`)."""
         return cls(preset_config(name), text_tokenizer=text_tokenizer)
+
+    @classmethod
+    def from_name(cls, name_or_path: str | os.PathLike) -> DoveTokenizer:
+        """The one reading of a tokenizer named on a command line or in a config: a preset name builds a
+        randomly initialised model (tests, training from scratch); anything else is a checkpoint dir or hub
+        id (`from_pretrained`), and a name that is neither says so with the known presets."""
+        name = str(name_or_path)
+        presets = available_presets()
+        if name in presets:
+            return cls.from_preset(name)
+        try:
+            return cls.from_pretrained(name)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}\n(not a preset either; known presets: {', '.join(presets)})") from err
 
     @classmethod
     def from_components(
@@ -188,30 +203,18 @@ class DoveTokenizer(nn.Module):
             path = path / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no weights file at {path}")
-        state = load_safetensors(path)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or misshapen:
-            parts = []
-            if misshapen:
-                shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshapen[:8])
-                parts.append(f"{len(misshapen)} with other shapes (checkpoint vs model): {shown}")
-            if missing:
-                parts.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}")
-            raise CheckpointMismatchError(
-                f"checkpoint {path} does not match this architecture (preset {self.config.preset!r}); "
-                + "; ".join(parts)
-            )
-        self.load_state_dict(state, strict=True)
+        load_state_dict_exactly(
+            self, load_safetensors(path), f"checkpoint {path} for this architecture (preset {self.config.preset!r})"
+        )
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json, model.safetensors and the query tokenizer, atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, model.safetensors and the query tokenizer, atomically.
+
+        `state_dict` replaces the live parameters when given: a VLM saved under DeepSpeed ZeRO-3 passes the
+        gathered weights, since its live ones are shards."""
         directory = Path(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         with atomic_directory(directory) as staging:
             self.config.save(staging)
             save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -387,6 +390,14 @@ class DoveTokenizer(nn.Module):
         result.auto = self.decode(full.tokens, auto_lengths)
         result.auto_lengths = auto_lengths
         return result
+
+
+def config_from_name(name_or_path: str | os.PathLike) -> DoveConfig:
+    """The architecture a name stands for (as `DoveTokenizer.from_name` reads it) without loading weights."""
+    name = str(name_or_path)
+    if name in available_presets():
+        return preset_config(name)
+    return DoveConfig.load(resolve_pretrained_dir(name))
 
 
 _GENERATOR_FIELDS = {
