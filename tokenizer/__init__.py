@@ -4,28 +4,6 @@ Layout: `modeling/` is the model and all that loading it needs, `training/` trai
 measures it; `hub.py` is the atomic, verified file I/O that all three and the VLM share.
 """
 
-from .modeling import (
-    CheckpointMismatchError,
-    DoveConfig,
-    DoveEncoding,
-    DoveImageProcessor,
-    DoveTokenizer,
-    ImageLoadError,
-    Reconstruction,
-    available_presets,
-    load_image,
-    preset_config,
-)
-
-__all__ = [
-    "CheckpointMismatchError",
-    "DoveConfig",
-    "DoveEncoding",
-    "DoveImageProcessor",
-    "DoveTokenizer",
-    "ImageLoadError",
-    "Reconstruction",
-    "available_presets",
-    "load_image",
-    "preset_config",
-]
+# The public names are the model's, listed once in modeling/__init__.py.
+from .modeling import *
+from .modeling import __all__ as __all__
