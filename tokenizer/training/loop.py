@@ -155,7 +155,10 @@ def parameter_groups(tokenizer: DoveTokenizer, config: TrainConfig) -> list[dict
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then a cosine down to `min_ratio` at `total_steps` (a multiplier on each group's lr)."""
+    """Linear warm-up to 1, then a cosine down to `min_ratio` at `total_steps` (a multiplier on each group's lr).
+
+    transformers' `get_cosine_with_min_lr_schedule_with_warmup` has the same cosine but spends step 0 at
+    lr 0 and has no late start (`warmup_cosine_from`), so both schedules stay here as two small functions."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
