@@ -167,6 +167,18 @@ def test_serve_binds_this_machine_only_and_never_shares_by_default():
     assert (args.host, args.port, args.share, args.examples) == ("127.0.0.1", 7860, False, None)
 
 
+def test_serve_names_a_missing_example_file_or_a_missing_gradio_before_loading_anything(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nope.png"
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--examples", str(missing)]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a))
+    assert main(["serve", "--model", str(tmp_path / "no-model")]) == 2
+    assert "pip install 'dove-vlm[serve]'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ the browser
 
 
