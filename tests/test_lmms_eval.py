@@ -22,19 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from tiny_vlm import SHORT_ANSWER_SUFFIX, make_shapes_dir, save_tiny_vlm
 
 from dove_vlm.lmms_tasks import TASKS_DIR
-from dove_vlm.shapes import make_shapes
-from llava_adapter import DoveLlavaForCausalLM
 from llava_adapter.inference import answer_questions
-from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
-from tokenizer import DoveTokenizer
-from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
 TASK = "dove_shapes_vqa"
 LIMIT = 8
 BATCH = 4
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -42,9 +37,7 @@ SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "data"
-    make_shapes(out, n=30, seed=0, progress=False)
-    return out
+    return make_shapes_dir(tmp_path_factory.mktemp("shapes") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +46,9 @@ def test_records(shapes_dir):
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory, shapes_dir, test_records):
+def vlm_dir(tmp_path_factory, shapes_dir):
     """A saved tiny VLM, loaded by every test through the same path a user's checkpoint takes."""
-    train = json.loads((shapes_dir / "train" / "annotations.json").read_text())
-    llm_tokenizer = train_tiny_tokenizer([f"{r['question']} {r['answer']}" for r in train], vocab_size=320)
-    torch.manual_seed(0)
-    tower = DoveTokenizer.from_preset("dove-tiny").eval()
-    images = tower.pixels([Image.open(shapes_dir / "images" / f"{r['image_id']}.png") for r in test_records])
-    # Calibrated on the bare questions and on the full task prompts, so lengths vary whichever of the two
-    # the tower is given as its query.
-    questions = [r["question"] for r in test_records]
-    prompts = [q + SHORT_ANSWER_SUFFIX for q in questions]
-    calibrate_eos_head(tower, torch.cat([images] * 3), [None] * len(questions) + questions + prompts)
-    llm = build_tiny_llm(llm_tokenizer, "llama")
-    model = DoveLlavaForCausalLM.from_components(llm, tower, tokenizer=llm_tokenizer)
-    out = tmp_path_factory.mktemp("vlm") / "model"
-    model.save_pretrained(out, tokenizer=llm_tokenizer)
-    return out
+    return save_tiny_vlm(shapes_dir, tmp_path_factory.mktemp("vlm") / "model")
 
 
 @pytest.fixture
