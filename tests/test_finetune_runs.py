@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_workspace import build_workspace
+from llava_workspace import OutputDtypes, build_workspace
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from llava_adapter import DoveLlavaForCausalLM
 from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
@@ -120,39 +119,16 @@ def test_finetune_grouped_by_visual_length_trains_with_the_visual_length_sampler
     assert not any(isinstance(x, VisualLengthGroupedSampler) for x in _samplers(plain.trainer.get_train_dataloader()))
 
 
-class _OutputDtypes(TrainerCallback):
-    """Forward hooks, put on the model the Trainer trains when training begins, that record the dtype each watched
-    module outputs and whether CPU autocast was on around it."""
-
-    def __init__(self) -> None:
-        self.watched = {"llm": ".layers.0.self_attn.q_proj.base_layer", "generator": "vision_tower.tokenizer.generator",
-                        "vq": "vision_tower.tokenizer.vq.model.encoder", "projector": "mm_projector"}  # fmt: skip
-        self.seen: dict[str, set[tuple[torch.dtype, bool]]] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        for part, suffix in self.watched.items():
-            modules = [m for name, m in model.named_modules() if name.endswith(suffix)]
-            assert len(modules) == 1, (part, suffix)
-            modules[0].register_forward_hook(self._record(part))
-
-    def _record(self, part: str):
-        def hook(module, inputs, output) -> None:
-            tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-            self.seen.setdefault(part, set()).add((tensor.dtype, torch.is_autocast_enabled("cpu")))
-
-        return hook
-
-
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
 def test_bf16_finetune_steps_run_the_llm_and_generator_in_bf16_and_the_vq_in_fp32(workspace, tmp_path, bf16):
     """`--bf16` on the CPU is the Trainer's autocast around the training forward (accelerate's CPU autocast):
     the LLM, the projector and a trainable generator compute in bf16 while the VQ switches autocast off."""
-    hooks = _OutputDtypes()
+    hooks = OutputDtypes()
     finetune(stage1(workspace, tmp_path / "run", stage=2, lora=True, lora_r=4, lora_alpha=8, tower_trainable="generator",
                     max_steps=1, save_steps=None, bf16=bf16), callbacks=[hooks])  # fmt: skip
-    half = torch.bfloat16 if bf16 else torch.float32
+    half = "torch.bfloat16" if bf16 else "torch.float32"
     assert hooks.seen == {"llm": {(half, bf16)}, "projector": {(half, bf16)}, "generator": {(half, bf16)},
-                          "vq": {(torch.float32, False)}}  # fmt: skip
+                          "vq": {("torch.float32", False)}}  # fmt: skip
 
 
 KILLED_RUN = """
