@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from dove_vlm.shapes import make_shapes
 from llava_adapter.conversation import tower_query
@@ -52,3 +53,26 @@ def build_workspace(root: Path, n_images: int = 16, seed: int = 0, arch: str = "
     tower_dir = root / "tower"
     tower.save_pretrained(tower_dir)
     return Workspace(root, summary.llava["train"], summary.images_dir, llm_dir, tower_dir)
+
+
+class OutputDtypes(TrainerCallback):
+    """Forward hooks, put on the model the Trainer trains when training begins, that record the dtype each watched
+    module outputs and whether CPU autocast was on around it."""
+
+    def __init__(self) -> None:
+        self.watched = {"llm": ".layers.0.self_attn.q_proj", "generator": "vision_tower.tokenizer.generator",
+                        "vq": "vision_tower.tokenizer.vq.model.encoder", "projector": "mm_projector"}  # fmt: skip
+        self.seen: dict[str, set[tuple[str, bool]]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        for part, suffix in self.watched.items():
+            modules = [m for name, m in model.named_modules() if name.endswith(suffix)]
+            assert len(modules) == 1, (part, suffix)
+            modules[0].register_forward_hook(self._record(part))
+
+    def _record(self, part: str):
+        def hook(module, inputs, output) -> None:
+            tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+            self.seen.setdefault(part, set()).add((str(tensor.dtype), torch.is_autocast_enabled("cpu")))
+
+        return hook

@@ -49,6 +49,14 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def plain_stage1_losses(workspace, tmp_path_factory):
+    """Stage 1 on the plain Trainer (no DeepSpeed), with the arguments the ZeRO tests' stage 1 uses."""
+    root = tmp_path_factory.mktemp("plain")
+    args = stage_args(workspace, root, 1, root / "stage1", llm=str(workspace.llm_dir), tower=str(workspace.tower_dir))
+    return finetune(FinetuneArguments(**args)).losses
+
+
+@pytest.fixture(scope="module")
 def tokenizer(workspace):
     tok = AutoTokenizer.from_pretrained(workspace.llm_dir)
     add_image_token(tok)
@@ -376,7 +384,9 @@ def logged_losses(output: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(workspace, tmp_path):
+def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(workspace, tmp_path, plain_stage1_losses):
+    """Stage 1 in fp32 gives the plain Trainer's losses step for step; stage 2 runs with the scripts' own bf16
+    autocast and gradient checkpointing."""
     common = [
         "--batch-size",
         str(BATCH),
@@ -388,11 +398,10 @@ def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(work
         "0",
         "--lr-scheduler",
         "constant",
-        "--no-bf16",
-        "--no-gradient-checkpointing",
         "--visual-length-cache",
         str(tmp_path / "cache"),
     ]
+    fp32 = ["--no-bf16", "--no-gradient-checkpointing"]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     env = {
         "LAUNCHER": "deepspeed",
@@ -402,11 +411,12 @@ def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(work
         "IMAGES": str(workspace.images),
     }
     run_launcher(
-        ["bash", "scripts/finetune_stage1.sh", *common],
+        ["bash", "scripts/finetune_stage1.sh", *common, *fp32],
         launcher_env(
             **env, PORT=str(free_port()), LLM=str(workspace.llm_dir), TOWER=str(workspace.tower_dir), OUTPUT=str(stage1)
         ),
     )
+    assert logged_losses(stage1) == pytest.approx(plain_stage1_losses, rel=1e-5)
     assert_loss_falls(logged_losses(stage1))
     assert (stage1 / "mm_projector.safetensors").is_file() and not (stage1 / "llm").exists()
 
@@ -415,6 +425,8 @@ def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(work
         launcher_env(**env, PORT=str(free_port()), MODEL=str(stage1), OUTPUT=str(stage2)),
     )
     assert_loss_falls(logged_losses(stage2))
+    stage2_args = json.loads((stage2 / LOG_FILE).read_text())["arguments"]
+    assert stage2_args["bf16"] and stage2_args["gradient_checkpointing"] and stage2_args["deepspeed"] == "zero2"
     reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
     assert is_lora_wrapped(reloaded.llm)
     assert all(p.abs().sum() > 0 for n, p in reloaded.llm.named_parameters() if "lora_B" in n)
@@ -443,6 +455,20 @@ with torch.no_grad():
     logits = engine(**batch).logits
 save_file({"logits": logits.float().contiguous()}, config["logits"])
 
+# A full fine-tune (the LLM trains) under ZeRO-3 with CPU offload, gradient checkpointing and bf16 autocast:
+# forward hooks record the dtypes inside, and fp32 logits of the partitioned model (its module, outside the
+# engine's autocast) are kept to compare with the saved model.
+sys.path.insert(0, config["tests"])
+from llava_workspace import OutputDtypes
+hooks = OutputDtypes()
+full = finetune(FinetuneArguments(**config["full"]), callbacks=[hooks])
+with open(config["full_dtypes"], "w") as handle:
+    json.dump({part: sorted(seen) for part, seen in hooks.seen.items()}, handle)
+engine = full.trainer.model_wrapped
+engine.eval()
+with torch.no_grad():
+    save_file({"logits": engine.module(**batch).logits.float().contiguous()}, config["full_logits"])
+
 # Interrupted after one epoch (checkpoint written), then resumed from the DeepSpeed checkpoint.
 finetune(FinetuneArguments(**config["stage2_interrupted"]))
 resumed = finetune(FinetuneArguments(**config["stage2_resumed"]))
@@ -452,8 +478,12 @@ with open(config["resumed_losses"], "w") as handle:
 
 
 @pytest.mark.slow
-def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(workspace, tokenizer, tmp_path):
-    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(
+    workspace, tokenizer, tmp_path, plain_stage1_losses
+):
+    """Stage 1 in fp32 gives the plain Trainer's losses; a LoRA stage 2 and a full stage 2 (under `zero3_offload`,
+    with gradient checkpointing and bf16 autocast) reload to the engine's logits; a resume repeats the losses."""
+    stage1, stage2, full = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "full"
     zero3 = "zero3"  # the packaged config, by name
     config = {
         "stage1": stage_args(
@@ -462,7 +492,12 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(worksp
         "stage2": stage_args(workspace, tmp_path, 2, stage2, model=str(stage1), deepspeed=zero3),
         "logits": str(tmp_path / "engine_logits.safetensors"),
         "resumed_losses": str(tmp_path / "resumed_losses.json"),
-    }
+        "full": stage_args(workspace, tmp_path, 2, full, model=str(stage1), deepspeed="zero3_offload", lora=False,
+                           learning_rate=3e-3, max_steps=2, gradient_checkpointing=True, bf16=True),
+        "full_dtypes": str(tmp_path / "full_dtypes.json"),
+        "full_logits": str(tmp_path / "full_logits.safetensors"),
+        "tests": str(Path(__file__).parent),
+    }  # fmt: skip
     steps_per_epoch = TRAIN_SAMPLES // BATCH
     interrupted = dict(config["stage2"], output_dir=str(tmp_path / "interrupted"), save_steps=steps_per_epoch)
     config["stage2_interrupted"] = dict(interrupted, max_steps=steps_per_epoch)
@@ -473,7 +508,7 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(worksp
         ["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver), json.dumps(config)],
         launcher_env(),
     )
-    assert_loss_falls(logged_losses(stage1))
+    assert logged_losses(stage1) == pytest.approx(plain_stage1_losses, rel=1e-5)
     assert_loss_falls(logged_losses(stage2))
 
     reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
@@ -482,6 +517,20 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(worksp
     engine_logits = load_file(config["logits"])["logits"]
     batch = fixed_batch(workspace, tokenizer, template=reloaded.config.conversation_template)
     torch.testing.assert_close(logits_of(reloaded, batch), engine_logits, rtol=0, atol=1e-5)
+
+    # The full fine-tune: autocast was on in the LLM and off in the VQ, the LLM moved, and it reloads to the
+    # partitioned model's fp32 logits.
+    recorded = json.loads(Path(config["full_dtypes"]).read_text())
+    dtypes = {part: {tuple(x) for x in seen} for part, seen in recorded.items()}
+    assert dtypes["llm"] == {("torch.bfloat16", True)} and dtypes["projector"] == {("torch.bfloat16", True)}
+    assert dtypes["vq"] == {("torch.float32", False)}
+    assert (full / "llm").is_dir() and not (full / "adapter_config.json").exists()
+    before = load_file(str(workspace.llm_dir / "model.safetensors"))
+    after = load_file(str(full / "llm" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    reloaded_full = DoveLlavaForCausalLM.from_pretrained(full)
+    full_logits = load_file(config["full_logits"])["logits"]
+    torch.testing.assert_close(logits_of(reloaded_full, batch), full_logits, rtol=0, atol=1e-5)
 
     # Resuming reproduces the uninterrupted run step for step (same sampler order, optimizer state).
     resumed = json.loads(Path(config["resumed_losses"]).read_text())

@@ -1,20 +1,28 @@
 """`finetune --output` reused: a fresh run refuses an earlier run's checkpoints, `overwrite` discards only what
 that run wrote, a resume skips a damaged newest checkpoint for the one before it, and grouping by visual
-length puts the visual-length sampler into the Trainer's dataloader."""
+length puts the visual-length sampler into the Trainer's dataloader, and `bf16` autocasts the training steps."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from llava_workspace import build_workspace
+from llava_workspace import OutputDtypes, build_workspace
 from safetensors.torch import load_file
 
+from llava_adapter import DoveLlavaForCausalLM
 from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
 from tokenizer.training.checkpointing import CorruptCheckpointError, ExistingRunError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +117,66 @@ def test_finetune_grouped_by_visual_length_trains_with_the_visual_length_sampler
     assert sampler.lengths == grouped.trainer.sample_lengths and len(sampler.lengths) == 8
     plain = finetune(stage1(workspace, tmp_path / "plain", max_steps=1, save_steps=None))
     assert not any(isinstance(x, VisualLengthGroupedSampler) for x in _samplers(plain.trainer.get_train_dataloader()))
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_bf16_finetune_steps_run_the_llm_and_generator_in_bf16_and_the_vq_in_fp32(workspace, tmp_path, bf16):
+    """`--bf16` on the CPU is the Trainer's autocast around the training forward (accelerate's CPU autocast):
+    the LLM, the projector and a trainable generator compute in bf16 while the VQ switches autocast off."""
+    hooks = OutputDtypes()
+    finetune(stage1(workspace, tmp_path / "run", stage=2, lora=True, lora_r=4, lora_alpha=8, tower_trainable="generator",
+                    max_steps=1, save_steps=None, bf16=bf16), callbacks=[hooks])  # fmt: skip
+    half = "torch.bfloat16" if bf16 else "torch.float32"
+    assert hooks.seen == {"llm": {(half, bf16)}, "projector": {(half, bf16)}, "generator": {(half, bf16)},
+                          "vq": {("torch.float32", False)}}  # fmt: skip
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+from transformers import TrainerCallback
+from llava_adapter.train import FinetuneArguments, finetune
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+finetune(FinetuneArguments(**json.loads(sys.argv[1])), callbacks=[KillAt()])
+"""
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights(workspace, tmp_path):
+    """SIGKILL after step 5 of 8 (4 per epoch), the newest checkpoint at step 3: the resume starts mid-epoch, so
+    the sampler's order, the skipped batches, LoRA dropout's random state, the optimizer and the cosine schedule
+    all have to come back for the weights to match."""
+    overrides = {"stage": 2, "lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "max_steps": -1,
+                 "num_train_epochs": 2, "save_steps": 3, "save_total_limit": 1, "lr_scheduler_type": "cosine",
+                 "warmup_ratio": 0.25, "group_by_visual_length": True,
+                 "visual_length_cache": str(tmp_path / "cache")}  # fmt: skip
+    reference = finetune(stage1(workspace, tmp_path / "reference", **overrides))
+    assert len(reference.losses) == 8
+
+    interrupted = tmp_path / "interrupted"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(asdict(stage1(workspace, interrupted, **overrides))), "5"],
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (interrupted / "config.json").exists()
+
+    resumed = finetune(stage1(workspace, interrupted, resume=True, **overrides))
+    # Two uninterrupted CPU runs already differ in the sixth digit now and then (multi-threaded kernels sum in
+    # varying order), so losses match to 1e-5 and each tensor to 1e-5 of its largest magnitude.
+    assert resumed.losses[-5:] == pytest.approx(reference.losses[-5:], rel=1e-5)
+    expected = DoveLlavaForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
+    got = DoveLlavaForCausalLM.from_pretrained(interrupted).state_dict()
+    assert expected.keys() == got.keys()
+    lora_b = [k for k in expected if "lora_B" in k]
+    assert lora_b and all(expected[k].abs().max() > 1e-3 for k in lora_b)  # trained away from peft's zeros
+    for key in expected:
+        scale = float(expected[key].abs().max())
+        assert float((got[key] - expected[key]).abs().max()) <= 1e-5 * scale, key
