@@ -12,7 +12,8 @@ Model args (lmms-eval passes them as strings; `true`/`false` and numbers are con
     device          cuda, cuda:1, cpu ... (default: cuda when available)
     dtype           the LLM's: auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or
                     float16 (the DOVE tower stays float32 regardless)
-    max_new_tokens  when given, replaces every task's own limit on answer length
+    max_new_tokens  when given, replaces every task's own limit on answer length (the task's
+                    `generation_kwargs.max_new_tokens`; 1024, as lmms-eval's LLaVA models, where it names none)
 
 How the counts travel: each answer is returned as an lmms-eval `GenerationResult` whose `TokenCounts`
 (`VisualTokenCounts` here) adds `visual_tokens` and, for a sample that could not be answered, `error`.
@@ -61,7 +62,9 @@ _GENERATION_KEYS = (
     "length_penalty",
     "no_repeat_ngram_size",
 )
-DEFAULT_MAX_NEW_TOKENS = 16
+# A task that names no answer length gets what lmms-eval's own LLaVA models give it (llava, llava_hf: 1024);
+# generation still ends at the EOS token.
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 @dataclass
