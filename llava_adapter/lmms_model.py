@@ -43,6 +43,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from PIL import Image
+from tqdm.auto import tqdm
 
 from tokenizer.image_processing import ImageLoadError, load_image
 
@@ -228,6 +229,7 @@ class DoveLlava(lmms):
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(_settings_key(request.args[1]), []).append(index)
+        bar = self._progress_bar(len(requests), "dove_llava generate")
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1] or {})
             until = _stop_sequences(gen_kwargs.get("until"))
@@ -276,6 +278,8 @@ class DoveLlava(lmms):
                             f"dove_llava: {_describe(requests[sample.index])} not answered: {sample.error}"
                         )
                         results[sample.index] = GenerationResult("", VisualTokenCounts(error=sample.error))
+                bar.update(len(chunk))
+        bar.close()
         self._raise_if_nothing_ran(len(requests), answered, model_errors)
         if answered:
             log_metrics(
@@ -297,6 +301,7 @@ class DoveLlava(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         model_errors: list[str] = []
         scored = 0
+        bar = self._progress_bar(len(requests), "dove_llava loglikelihood")
         for start in range(0, len(requests), self.batch_size):
             chunk = [self._prepare(i, requests[i]) for i in range(start, min(start + self.batch_size, len(requests)))]
             runnable = [s for s in chunk if s.error is None]
@@ -326,6 +331,8 @@ class DoveLlava(lmms):
                     results[sample.index] = GenerationResult(
                         (float("inf"), False), VisualTokenCounts(error=sample.error)
                     )
+            bar.update(len(chunk))
+        bar.close()
         self._raise_if_nothing_ran(len(requests), scored, model_errors)
         return results
 
@@ -407,6 +414,10 @@ class DoveLlava(lmms):
             queries=[s.query for s in batch] if self.use_query else None,
         )
         return list(zip(scores, [int(n) for n in self.model.last_visual_lengths]))
+
+    def _progress_bar(self, total: int, desc: str) -> tqdm:
+        """One bar per request loop, on the first process only, as lmms-eval's own models draw it."""
+        return tqdm(total=total, desc=desc, unit="req", disable=self.rank != 0)
 
     def _run(self, batch: list[_Sample], call: Callable[[list[_Sample]], list], errors: list[str]) -> list:
         """Run `call` on the batch; if it raises, run each sample alone so one bad sample costs only itself.

@@ -109,3 +109,22 @@ def test_finetune_grouped_by_visual_length_trains_with_the_visual_length_sampler
     assert sampler.lengths == grouped.trainer.sample_lengths and len(sampler.lengths) == 8
     plain = finetune(stage1(workspace, tmp_path / "plain", max_steps=1, save_steps=None))
     assert not any(isinstance(x, VisualLengthGroupedSampler) for x in _samplers(plain.trainer.get_train_dataloader()))
+
+
+def test_finetune_shows_progress_when_asked_and_writes_its_loss_curve(workspace, tmp_path, capsys):
+    from PIL import Image
+
+    from llava_adapter.train import LOSS_CURVE_FILE, build_training_arguments
+
+    out = tmp_path / "run"
+    result = finetune(stage1(workspace, out, max_steps=2, save_steps=None, group_by_visual_length=True,
+                             visual_length_cache=str(tmp_path / "cache"), progress=True))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "visual lengths" in err  # the tower's pass over the data
+    assert "2/2" in err  # the Trainer's bar over the steps
+    with Image.open(out / LOSS_CURVE_FILE) as image:
+        assert image.format == "PNG" and image.width > 100
+    assert len(result.losses) == 2
+    # Not asked: a bar only on a terminal (pytest's captured stderr is not one), as the command's default.
+    assert build_training_arguments(stage1(workspace, tmp_path / "x")).disable_tqdm is True
+    assert build_training_arguments(stage1(workspace, tmp_path / "x", progress=True)).disable_tqdm is False

@@ -385,6 +385,16 @@ def test_a_task_without_max_new_tokens_gets_lmms_evals_default_not_a_short_one(v
     assert result.token_counts.output_tokens == direct[0].generated_tokens > 16
 
 
+def test_request_loops_draw_a_progress_bar_on_the_first_process_only(vlm_dir, probe_docs, capsys):
+    model = dove_llava(vlm_dir, query=False, batch_size=2)
+    capsys.readouterr()
+    _texts(model, probe_docs, {"max_new_tokens": 2})
+    assert "dove_llava generate" in capsys.readouterr().err
+    model._rank = 1  # as lmms-eval sets it on the other processes of a multi-process run
+    _texts(model, probe_docs, {"max_new_tokens": 2})
+    assert "dove_llava generate" not in capsys.readouterr().err
+
+
 def test_clean_releases_the_weights_and_the_next_request_reloads_them(vlm_dir, probe_docs):
     model = dove_llava(vlm_dir)
     before = _texts(model, probe_docs[:2], {"max_new_tokens": 3})
