@@ -37,7 +37,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from dove_vlm.loss_curve import plot_loss_curve
 from tokenizer.checkpointing import (
@@ -358,14 +358,24 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-<step>` in `output_dir` that verifies (`verify_trainer_checkpoint`), or None to
     start afresh. Each damaged one is skipped with a warning naming it; when none is usable, the error names
-    every damaged file."""
+    every damaged file.
+
+    The newest is transformers' `get_last_checkpoint`; ours goes further because that one picks the
+    highest-numbered directory without looking inside, and a run killed mid-save (or a damaged file) must
+    fall back to the checkpoint before it rather than crash in `torch.load` or resume from half a state."""
+    if not Path(output_dir).is_dir():
+        return None
+    newest = get_last_checkpoint(str(output_dir))
+    if newest is None:
+        return None
+    older = [path for path in reversed(checkpoint_dirs(output_dir)) if path != Path(newest)]
 
     def verified(path: Path) -> str:
         verify_trainer_checkpoint(path)
         return str(path)
 
     return newest_usable(
-        list(reversed(checkpoint_dirs(output_dir))),
+        [Path(newest), *older],
         verified,
         where=output_dir,
         advice="Delete the damaged checkpoint-* directories to resume from an earlier one, or start afresh with "

@@ -12,8 +12,9 @@ import pytest
 import torch
 from llava_workspace import build_workspace
 from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
-from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
+from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune, latest_checkpoint
 from tokenizer.checkpointing import CorruptCheckpointError, ExistingRunError
 
 
@@ -64,6 +65,8 @@ def test_finetune_resume_skips_a_damaged_newest_checkpoint(workspace, tmp_path, 
     finetune(stage1(workspace, out))
     reference = projector(out)
     newest, previous = out / "checkpoint-4", out / "checkpoint-2"
+    (out / "checkpoint-final").mkdir()  # not a step: neither transformers nor the resume takes it
+    assert latest_checkpoint(out) == get_last_checkpoint(str(out)) == str(newest)
     victim = newest / "optimizer.pt"
     with open(victim, "r+b") as handle:
         handle.truncate(victim.stat().st_size // 2)
