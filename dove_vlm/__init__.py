@@ -1,7 +1,9 @@
 """dove-vlm: DOVE / Q-DOVE variable-length visual tokens as a vision tower for LLaVA-style VLMs.
 
 The public names are re-exported lazily so that light commands (`dove-vlm make-shapes`) do not pay
-for importing torch, transformers and diffusers.
+for importing torch, transformers and diffusers. For the same reason `import dove_vlm` alone does not
+register the VLM with transformers' auto classes: `import llava_adapter` (or `from dove_vlm import
+DoveLlavaForCausalLM`) does, after which `AutoModelForCausalLM` / `AutoProcessor.from_pretrained(dir)` work.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ _EXPORTS = {
     "DoveConfig": "tokenizer",
     "DoveEncoding": "tokenizer",
     "DoveImageProcessor": "tokenizer",
+    "DoveLlavaForCausalLM": "llava_adapter",
+    "DoveLlavaProcessor": "llava_adapter",
     "DoveTokenizer": "tokenizer",
     "ImageLoadError": "tokenizer",
     "Reconstruction": "tokenizer",

@@ -1,4 +1,8 @@
-"""DOVE as a LLaVA vision tower: the tower, projectors, the VLM over any causal LM, conversations, inference."""
+"""DOVE as a LLaVA vision tower: the tower, projectors, the VLM over any causal LM, conversations, inference.
+
+Importing this package registers the VLM with transformers' auto classes (`AutoConfig`, `AutoModelForCausalLM`,
+`AutoImageProcessor`, `AutoProcessor`), so saved directories open through them.
+"""
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
 from .conversation import (
@@ -11,6 +15,7 @@ from .conversation import (
 )
 from .inference import Answer, answer_questions, load_pretrained_model, score_continuations
 from .modeling import DoveLlavaConfig, DoveLlavaForCausalLM, TruncationWarning, register_auto_classes
+from .processing import DoveLlavaImageProcessor, DoveLlavaProcessor
 from .projectors import build_projector, load_projector_weights
 from .vision_tower import DoveVisionTower
 
@@ -21,6 +26,8 @@ __all__ = [
     "ConversationError",
     "DoveLlavaConfig",
     "DoveLlavaForCausalLM",
+    "DoveLlavaImageProcessor",
+    "DoveLlavaProcessor",
     "DoveVisionTower",
     "TruncationWarning",
     "add_image_token",

@@ -12,7 +12,8 @@ Model args (lmms-eval passes them as strings; `true`/`false` and numbers are con
     device          cuda, cuda:1, cpu ... (default: cuda when available)
     dtype           the LLM's: auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or
                     float16 (the DOVE tower stays float32 regardless)
-    max_new_tokens  when given, replaces every task's own limit on answer length
+    max_new_tokens  when given, replaces every task's own limit on answer length (the task's
+                    `generation_kwargs.max_new_tokens`; 1024, as lmms-eval's LLaVA models, where it names none)
 
 How the counts travel: each answer is returned as an lmms-eval `GenerationResult` whose `TokenCounts`
 (`VisualTokenCounts` here) adds `visual_tokens` and, for a sample that could not be answered, `error`.
@@ -42,6 +43,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from PIL import Image
+from tqdm.auto import tqdm
 
 from tokenizer.modeling.image_processing import ImageLoadError, load_image
 
@@ -61,7 +63,9 @@ _GENERATION_KEYS = (
     "length_penalty",
     "no_repeat_ngram_size",
 )
-DEFAULT_MAX_NEW_TOKENS = 16
+# A task that names no answer length gets what lmms-eval's own LLaVA models give it (llava, llava_hf: 1024);
+# generation still ends at the EOS token.
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 @dataclass
@@ -225,6 +229,7 @@ class DoveLlava(lmms):
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(_settings_key(request.args[1]), []).append(index)
+        bar = self._progress_bar(len(requests), "dove_llava generate")
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1] or {})
             until = _stop_sequences(gen_kwargs.get("until"))
@@ -273,6 +278,8 @@ class DoveLlava(lmms):
                             f"dove_llava: {_describe(requests[sample.index])} not answered: {sample.error}"
                         )
                         results[sample.index] = GenerationResult("", VisualTokenCounts(error=sample.error))
+                bar.update(len(chunk))
+        bar.close()
         self._raise_if_nothing_ran(len(requests), answered, model_errors)
         if answered:
             log_metrics(
@@ -294,6 +301,7 @@ class DoveLlava(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         model_errors: list[str] = []
         scored = 0
+        bar = self._progress_bar(len(requests), "dove_llava loglikelihood")
         for start in range(0, len(requests), self.batch_size):
             chunk = [self._prepare(i, requests[i]) for i in range(start, min(start + self.batch_size, len(requests)))]
             runnable = [s for s in chunk if s.error is None]
@@ -323,6 +331,8 @@ class DoveLlava(lmms):
                     results[sample.index] = GenerationResult(
                         (float("inf"), False), VisualTokenCounts(error=sample.error)
                     )
+            bar.update(len(chunk))
+        bar.close()
         self._raise_if_nothing_ran(len(requests), scored, model_errors)
         return results
 
@@ -404,6 +414,10 @@ class DoveLlava(lmms):
             queries=[s.query for s in batch] if self.use_query else None,
         )
         return list(zip(scores, [int(n) for n in self.model.last_visual_lengths]))
+
+    def _progress_bar(self, total: int, desc: str) -> tqdm:
+        """One bar per request loop, on the first process only, as lmms-eval's own models draw it."""
+        return tqdm(total=total, desc=desc, unit="req", disable=self.rank != 0)
 
     def _run(self, batch: list[_Sample], call: Callable[[list[_Sample]], list], errors: list[str]) -> list:
         """Run `call` on the batch; if it raises, run each sample alone so one bad sample costs only itself.

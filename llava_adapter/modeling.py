@@ -20,7 +20,12 @@ Saved layout (`save_pretrained`):
     mm_projector.safetensors    projector weights under `mm_projector.*` keys (LLaVA's layout)
     llm/                        the LLM (base weights when a LoRA adapter is present)
     adapter_config.json, adapter_model.safetensors   the peft LoRA adapter of the LLM, if any
-    tokenizer files             the LLM tokenizer, when one is passed to `save_pretrained`
+    tokenizer files             the LLM tokenizer, when one is passed to `save_pretrained`, and with it
+    processor_config.json       the `DoveLlavaProcessor` (image size, conversation template), for `AutoProcessor`
+
+After `import llava_adapter` (which registers the classes), `AutoModelForCausalLM.from_pretrained(dir)` and
+`AutoProcessor.from_pretrained(dir)` open such a directory; without it transformers does not know the model
+type `dove_llava` and says so.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ from typing import Any, TypedDict
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from typing_extensions import Unpack
 
@@ -44,6 +56,7 @@ from tokenizer import DoveConfig, DoveTokenizer
 from tokenizer.hub import atomic_directory, corrupt_weights_error, resolve_pretrained_dir
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN
+from .processing import DoveLlavaImageProcessor, DoveLlavaProcessor
 from .projectors import build_projector, load_projector_weights, projector_state_dict
 from .vision_tower import DoveVisionTower
 
@@ -386,6 +399,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: Any | None = None,
         use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DoveLlavaOutput:
         """Training / scoring forward (right padding). `labels` align with `input_ids`, as a collator builds
@@ -394,8 +408,10 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         `images`: [N,3,S,S] (or a list of N [3,S,S]) in [0,1], one per `<image>` placeholder in reading
         order; or one per sample with `image_sample_mask`. The vision options (`VisionKwargs`: `queries`,
         `budget`, `threshold`, `image_sample_mask`, `sample_ids`) are per image like `images`; any other
-        keyword goes to the LLM.
+        keyword goes to the LLM. `pixel_values` is `images` under the name `DoveLlavaProcessor` (and every
+        transformers processor) gives it.
         """
+        images = _images_or_pixel_values(images, pixel_values)
         vision = _pop_vision_kwargs(kwargs)
         if inputs_embeds is not None:  # already spliced (e.g. a continuation step): straight to the LLM
             out = self.llm(
@@ -440,14 +456,17 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Splice (left padding) and run the LLM's `generate`; returns only the new token ids [B, T_new].
 
         The vision options (`VisionKwargs`) are taken as in `forward`; every other keyword goes to
-        `transformers`' `generate` (`max_new_tokens`, `do_sample`, ...).
+        `transformers`' `generate` (`max_new_tokens`, `do_sample`, ...). `pixel_values` is `images` under the
+        processor's name, so `model.generate(**processor(images=..., text=...))` works.
         `last_visual_lengths` holds each image's token count afterwards.
         """
+        images = _images_or_pixel_values(images, pixel_values)
         vision = _pop_vision_kwargs(kwargs)
         batch = self.prepare_multimodal_inputs(
             input_ids, attention_mask=attention_mask, images=images, padding_side="left", **vision
@@ -484,6 +503,7 @@ class DoveLlavaForCausalLM(PreTrainedModel):
         tower = self.vision_tower
         self.config.tower_trainable, self.config.use_query = tower.trainable, tower.use_query
         self.config.eos_threshold, self.config.token_budget = tower.threshold, tower.budget
+        self.config.architectures = [type(self).__name__]  # what hub tooling reads to pick the model class
         # Only the files written here replace their namesakes in `directory` (anything else there stays),
         # and a kill mid-save leaves the previous model loadable (see `atomic_directory`).
         with atomic_directory(directory, owned=ADAPTER_FILES) as staging:
@@ -504,8 +524,8 @@ class DoveLlavaForCausalLM(PreTrainedModel):
                 (staging / "README.md").unlink(missing_ok=True)
             elif save_llm:
                 self.llm.save_pretrained(staging / LLM_DIR, state_dict=llm_state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
+            if tokenizer is not None:  # the processor writes the tokenizer's files and its own
+                DoveLlavaProcessor.for_model(self, tokenizer).save_pretrained(staging)
         return directory
 
     @classmethod
@@ -559,9 +579,16 @@ class DoveLlavaForCausalLM(PreTrainedModel):
 
 
 def register_auto_classes() -> None:
-    """Let `AutoConfig` / `AutoModelForCausalLM` open saved DOVE-LLaVA directories."""
+    """Let `AutoConfig`, `AutoModelForCausalLM`, `AutoImageProcessor` and `AutoProcessor` open saved DOVE-LLaVA
+    directories (run when this module is imported)."""
     AutoConfig.register(DoveLlavaConfig.model_type, DoveLlavaConfig, exist_ok=True)
     AutoModelForCausalLM.register(DoveLlavaConfig, DoveLlavaForCausalLM, exist_ok=True)
+    AutoImageProcessor.register(
+        DoveLlavaConfig,
+        image_processor_classes={"torchvision": DoveLlavaImageProcessor, "pil": DoveLlavaImageProcessor},
+        exist_ok=True,
+    )
+    AutoProcessor.register(DoveLlavaConfig, DoveLlavaProcessor, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -584,6 +611,14 @@ def _naming_damaged_weights(where: Path) -> Iterator[None]:
                 damaged = candidate
                 break
         raise corrupt_weights_error(damaged, err) from err
+
+
+def _images_or_pixel_values(images: Any, pixel_values: torch.Tensor | None) -> Any:
+    if pixel_values is None:
+        return images
+    if images is not None:
+        raise ValueError("pass the images once: as images= or as pixel_values=, not both")
+    return pixel_values
 
 
 def _llm_hidden_size(llm: PreTrainedModel) -> int:

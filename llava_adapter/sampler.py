@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from .data import LlavaConversationDataset
 from .vision_tower import DoveVisionTower
@@ -91,9 +92,16 @@ def _stack(items: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, lis
 
 @torch.no_grad()
 def compute_visual_lengths(
-    tower: DoveVisionTower, dataset: LlavaConversationDataset, batch_size: int = 32, num_workers: int = 0
+    tower: DoveVisionTower,
+    dataset: LlavaConversationDataset,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool | None = None,
 ) -> list[int]:
-    """Each sample's visual token count as the tower decides it (0 for text-only samples)."""
+    """Each sample's visual token count as the tower decides it (0 for text-only samples).
+
+    One tower pass over every image: minutes on a large set, so it shows a progress bar (`progress` None:
+    only when stderr is a terminal)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     lengths = [0] * len(dataset)
@@ -108,7 +116,8 @@ def compute_visual_lengths(
     cursor = 0
     try:
         with _gathered(tower):
-            for pixels, queries in loader:
+            bar = tqdm(loader, desc="visual lengths", unit="batch", disable=None if progress is None else not progress)
+            for pixels, queries in bar:
                 pixels = pixels.to(device=tower.device)
                 features = tower(pixels, queries=queries if any(queries) else None)
                 for feature in features:
@@ -130,6 +139,7 @@ def cached_visual_lengths(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     num_workers: int = 0,
+    progress: bool | None = None,
 ) -> tuple[list[int], Path, bool]:
     """Visual lengths from the cache, or computed once and written there.
 
@@ -146,7 +156,7 @@ def cached_visual_lengths(
                 return lengths, path, True
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is recomputed and overwritten below
-    lengths = compute_visual_lengths(tower, dataset, batch_size=batch_size, num_workers=num_workers)
+    lengths = compute_visual_lengths(tower, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress)
     entry = {
         "format": CACHE_FORMAT,
         "tower": tower.vision_tower_name,

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,8 +37,9 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dove_vlm.loss_curve import plot_loss_curve
 from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 from tokenizer.training.checkpointing import (
     CorruptCheckpointError,
@@ -58,6 +60,7 @@ from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune_log.json"
+LOSS_CURVE_FILE = "loss_curve.png"
 TRAINING_ARGS_FILE = "training_args.bin"  # the Trainer's own name for it
 CHECKPOINT_RECORD = "checkpoint_files.json"  # sizes and checksums of a Trainer checkpoint's files
 STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"
@@ -116,6 +119,7 @@ class FinetuneArguments:
     overwrite: bool = False
     strict: bool = False  # an unreadable image stops the run (before the first step) instead of being skipped
     allow_outside_root: bool = False  # records' image paths may be absolute or climb out of image_folder
+    progress: bool | None = None  # progress bars (Trainer, visual-length pass); None: when stderr is a terminal
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -354,14 +358,24 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-<step>` in `output_dir` that verifies (`verify_trainer_checkpoint`), or None to
     start afresh. Each damaged one is skipped with a warning naming it; when none is usable, the error names
-    every damaged file."""
+    every damaged file.
+
+    The newest is transformers' `get_last_checkpoint`; ours goes further because that one picks the
+    highest-numbered directory without looking inside, and a run killed mid-save (or a damaged file) must
+    fall back to the checkpoint before it rather than crash in `torch.load` or resume from half a state."""
+    if not Path(output_dir).is_dir():
+        return None
+    newest = get_last_checkpoint(str(output_dir))
+    if newest is None:
+        return None
+    older = [path for path in reversed(checkpoint_dirs(output_dir)) if path != Path(newest)]
 
     def verified(path: Path) -> str:
         verify_trainer_checkpoint(path)
         return str(path)
 
     return newest_usable(
-        list(reversed(checkpoint_dirs(output_dir))),
+        [Path(newest), *older],
         verified,
         where=output_dir,
         advice="Delete the damaged checkpoint-* directories to resume from an earlier one, or start afresh with "
@@ -433,7 +447,7 @@ def claim_output_dir(args: FinetuneArguments) -> None:
         for path in found:
             shutil.rmtree(path)
         remove_saved_files(args.output_dir)
-        for name in (LOG_FILE, TRAINING_ARGS_FILE):
+        for name in (LOG_FILE, LOSS_CURVE_FILE, TRAINING_ARGS_FILE):
             Path(args.output_dir, name).unlink(missing_ok=True)
 
 
@@ -463,7 +477,9 @@ def build_training_arguments(args: FinetuneArguments) -> TrainingArguments:
         seed=args.seed,
         data_seed=args.seed,
         report_to=args.report_to or "none",
-        disable_tqdm=True,
+        # The Trainer's bar (with its ETA) on a terminal; in a log file its redraws would be noise, and the
+        # Trainer prints each logged loss as a line instead.
+        disable_tqdm=not (sys.stderr.isatty() if args.progress is None else args.progress),
     )
 
 
@@ -504,6 +520,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
                 cache_dir=args.visual_length_cache,
                 batch_size=args.visual_length_batch_size,
                 num_workers=args.dataloader_num_workers,
+                progress=not training_args.disable_tqdm,
             )
         logger.info("visual lengths %s %s", "read from" if hit else "written to", cache_path)
         lengths = expanded_lengths(dataset.text_length_estimates(), visual)
@@ -548,6 +565,9 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
             "log_history": trainer.state.log_history,
         }
         Path(args.output_dir, LOG_FILE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        plot_loss_curve(
+            trainer.state.log_history, Path(args.output_dir, LOSS_CURVE_FILE), title=f"finetune stage {args.stage}"
+        )
     if any(not math.isfinite(loss) for loss in losses):
         raise FloatingPointError(f"training produced a non-finite loss: {losses}")
     return FinetuneResult(Path(args.output_dir), losses, model, tokenizer, trainer, cache_path)

@@ -17,9 +17,10 @@ import pytest
 import torch
 from llava_workspace import OutputDtypes, build_workspace
 from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
 from llava_adapter import DoveLlavaForCausalLM
-from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune
+from llava_adapter.train import CHECKPOINT_RECORD, FinetuneArguments, finetune, latest_checkpoint
 from tokenizer.training.checkpointing import CorruptCheckpointError, ExistingRunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,8 @@ def test_finetune_resume_skips_a_damaged_newest_checkpoint(workspace, tmp_path, 
     finetune(stage1(workspace, out))
     reference = projector(out)
     newest, previous = out / "checkpoint-4", out / "checkpoint-2"
+    (out / "checkpoint-final").mkdir()  # not a step: neither transformers nor the resume takes it
+    assert latest_checkpoint(out) == get_last_checkpoint(str(out)) == str(newest)
     victim = newest / "optimizer.pt"
     with open(victim, "r+b") as handle:
         handle.truncate(victim.stat().st_size // 2)
@@ -180,3 +183,22 @@ def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights(wor
     for key in expected:
         scale = float(expected[key].abs().max())
         assert float((got[key] - expected[key]).abs().max()) <= 1e-5 * scale, key
+
+
+def test_finetune_shows_progress_when_asked_and_writes_its_loss_curve(workspace, tmp_path, capsys):
+    from PIL import Image
+
+    from llava_adapter.train import LOSS_CURVE_FILE, build_training_arguments
+
+    out = tmp_path / "run"
+    result = finetune(stage1(workspace, out, max_steps=2, save_steps=None, group_by_visual_length=True,
+                             visual_length_cache=str(tmp_path / "cache"), progress=True))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "visual lengths" in err  # the tower's pass over the data
+    assert "2/2" in err  # the Trainer's bar over the steps
+    with Image.open(out / LOSS_CURVE_FILE) as image:
+        assert image.format == "PNG" and image.width > 100
+    assert len(result.losses) == 2
+    # Not asked: a bar only on a terminal (pytest's captured stderr is not one), as the command's default.
+    assert build_training_arguments(stage1(workspace, tmp_path / "x")).disable_tqdm is True
+    assert build_training_arguments(stage1(workspace, tmp_path / "x", progress=True)).disable_tqdm is False

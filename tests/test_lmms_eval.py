@@ -147,6 +147,31 @@ def test_simple_evaluate_with_an_instance_matches_the_cli(cli_run, vlm_dir, shap
     assert [s["token_counts"] for s in samples] == [s["token_counts"] for s in cli_samples]
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_score_every_request_once_and_keep_the_counts(cli_run, tmp_path, vlm_dir, shapes_dir):
+    """torchrun, two CPU processes (gloo): each sample is answered by one process, none twice or lost, and its
+    answer and token counts are those of the one-process run (an odd limit makes lmms-eval pad a rank)."""
+    _, single = cli_run
+    limit = LIMIT - 1
+    env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmms_eval",
+        "--model", "dove_llava", "--model_args", f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH},device=cpu",
+        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(limit),
+        "--output_path", str(tmp_path), "--log_samples", "--verbosity", "WARNING",
+    ]  # fmt: skip
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [samples_file] = glob.glob(str(tmp_path / "*" / f"*_samples_{TASK}.jsonl"))
+    samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(limit))
+    expected = {s["doc_id"]: s for s in single[:limit]}
+    for sample in samples:
+        reference = expected[sample["doc_id"]]
+        assert sample["filtered_resps"] == reference["filtered_resps"]
+        assert sample["token_counts"] == reference["token_counts"]
+
+
 # --------------------------------------------------------------------------------------- token accounting
 
 
@@ -325,6 +350,29 @@ def test_generate_until_batches_keep_order_and_respect_until_and_max_new_tokens(
     assert cut != texts
     for full, short in zip(texts, cut):
         assert short == (full[: full.find(stop)] if stop in full else full)
+
+
+def test_a_task_without_max_new_tokens_gets_lmms_evals_default_not_a_short_one(vlm_dir, probe_docs):
+    from llava_adapter.lmms_model import DEFAULT_MAX_NEW_TOKENS
+
+    model = dove_llava(vlm_dir, query=False, batch_size=1)
+    model.task_dict = {"probe": {"test": probe_docs[:1]}}
+    [result] = model.generate_until(_instances(probe_docs[:1], {"temperature": 0}))
+    direct = answer_questions(model.model, model.tokenizer, [probe_docs[0]["image"]], [probe_docs[0]["prompt"]],
+                              use_query=False, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # fmt: skip
+    assert DEFAULT_MAX_NEW_TOKENS == 1024
+    assert result.text == direct[0].text
+    assert result.token_counts.output_tokens == direct[0].generated_tokens > 16
+
+
+def test_request_loops_draw_a_progress_bar_on_the_first_process_only(vlm_dir, probe_docs, capsys):
+    model = dove_llava(vlm_dir, query=False, batch_size=2)
+    capsys.readouterr()
+    _texts(model, probe_docs, {"max_new_tokens": 2})
+    assert "dove_llava generate" in capsys.readouterr().err
+    model._rank = 1  # as lmms-eval sets it on the other processes of a multi-process run
+    _texts(model, probe_docs, {"max_new_tokens": 2})
+    assert "dove_llava generate" not in capsys.readouterr().err
 
 
 def test_clean_releases_the_weights_and_the_next_request_reloads_them(vlm_dir, probe_docs):

@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
 
     from tokenizer import DoveTokenizer
     from tokenizer.evaluation.metrics import ReconstructionMetrics
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
     skipped = 0
     with torch.inference_mode():
-        for batch in loader:
+        for batch in tqdm(loader, desc="eval-recon", unit="batch", disable=None):  # a bar only on a terminal
             skipped += batch["skipped"]
             pixels = batch["pixels"].to(args.device)
             if pixels.shape[0] == 0:

@@ -118,6 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="discard the earlier run's checkpoint-<step> dirs, model and log in --output and start afresh",
     )
+    train.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars for training and the visual-length pass (default: when stderr is a terminal)",
+    )
     train.add_argument("--logging-steps", type=int, default=1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")
@@ -142,6 +148,6 @@ def run(args: argparse.Namespace) -> int:
     if result.losses:
         print(
             f"stage {args.stage}: {len(result.losses)} logged losses, first {result.losses[0]:.4f}, "
-            f"last {result.losses[-1]:.4f}; saved to {result.output_dir}"
+            f"last {result.losses[-1]:.4f}; saved to {result.output_dir} (loss curve: loss_curve.png)"
         )
     return 0

@@ -52,6 +52,8 @@ def load_records(path: Path, label_key: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from tokenizer import DoveTokenizer
     from tokenizer.evaluation.probe import fit_linear_probe, token_features
     from tokenizer.training.data import list_images
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         splits = ["test" if rng.random() < args.test_fraction else "train" for _ in records]
     model = DoveTokenizer.from_pretrained(args.checkpoint).to(args.device).eval()
     features = []
-    for start in range(0, len(paths), args.batch_size):
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="linear-probe", unit="batch", disable=None):
         pixels = model.pixels([str(p) for p in paths[start : start + args.batch_size]])
         features.append(token_features(model, pixels, args.features, args.budget).cpu())
     x = torch.cat(features)
