@@ -1,8 +1,7 @@
-"""The demo's report: report.md and its PNG figures, from what the demo's steps wrote.
+"""The demo's report: report.md and its PNG figures, rendered from `DemoMeasurements`.
 
-Everything shown is measured here or read from the steps' own outputs (the tokenizer's metrics log, the
-fine-tuning logs, lmms-eval's results and samples); the report states the numbers whatever they are,
-and the accuracy check says plainly whether the margin over the blind baseline was reached.
+Nothing here runs a model or reads the steps' outputs (`dove_vlm.demo_measure` does): the report states
+the numbers whatever they are, and the accuracy check says plainly whether the margin was reached.
 
 Figures (in DIR/figures):
     reconstructions.png          held-out scenes of growing complexity, decoded at fixed budgets and at the
@@ -16,250 +15,28 @@ Figures (in DIR/figures):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .demo import DemoPaths, DemoRecipe, DemoStep
+from .demo_measure import (
+    REQUIRED_MARGIN,
+    DemoMeasurements,
+    EvalRow,
+    LengthStudy,
+    setting_name,
+)
+from .demo_recipe import DemoPaths, DemoRecipe, DemoStep
 
-REQUIRED_MARGIN = 0.30  # accuracy points over the blind baseline the demo must show
 FIGURES = {
     "reconstructions": "reconstructions.png",
     "length": "length_vs_complexity.png",
     "accuracy": "accuracy_vs_tokens.png",
     "by_type": "accuracy_by_type.png",
 }
-HEADLINE_SETTING = ("on", "auto")  # query on, automatic length: what Q-DOVE is for
-
-
-class ReportInputError(FileNotFoundError):
-    """A file the report reads is missing: the message names it and the step that writes it."""
-
-
-def _need(path: Path, step: str) -> Path:
-    if not path.exists():
-        raise ReportInputError(f"{path} does not exist; run the demo's '{step}' step first")
-    return path
-
-
-def _read_json(path: Path, step: str) -> Any:
-    try:
-        return json.loads(_need(path, step).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-# ---------------------------------------------------------------------------------------------- measurements
-
-
-@dataclass
-class LengthStudy:
-    """Automatic lengths of held-out images (no query) against their complexity."""
-
-    lengths: list[int]
-    n_objects: list[int]
-    laplacian: list[float]
-    spearman_objects: float
-    spearman_laplacian: float
-    p_objects: float
-    p_laplacian: float
-
-
-@dataclass
-class ReconstructionStudy:
-    """PSNR of held-out reconstructions per budget, and at the automatic length."""
-
-    budgets: list[int]
-    psnr: dict[str, float]
-    mean_auto_length: float
-    n_images: int
-
-
-def _psnr(mse: float) -> float:
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
-
-
-def study_tokenizer(
-    paths: DemoPaths, recipe: DemoRecipe, figure_dir: Path, batch_size: int = 64
-) -> tuple[LengthStudy, ReconstructionStudy]:
-    """Encode the held-out images without a query: lengths vs complexity, quality per budget, the grid."""
-    import torch
-    from scipy.stats import spearmanr
-
-    from tokenizer import DoveTokenizer
-    from tokenizer.evaluation.visualize import save_reconstruction_grid
-    from tokenizer.modeling.image_processing import load_image
-
-    scenes = [s for s in _read_json(paths.data / "scenes.json", "data") if s["split"] == "test"]
-    if len(scenes) < 3:
-        raise ValueError(f"{paths.data}/scenes.json has {len(scenes)} test scenes; the report needs at least 3")
-    model = DoveTokenizer.from_pretrained(_need(paths.tokenizer, "tokenizer")).eval()
-    budgets = sorted({b for b in recipe.report_budgets if b <= model.max_tokens} | {model.max_tokens})
-    lengths: list[int] = []
-    squared: dict[str, float] = defaultdict(float)
-    pixels_seen = 0
-    with torch.no_grad():
-        for start in range(0, len(scenes), batch_size):
-            chunk = scenes[start : start + batch_size]
-            images = [load_image(paths.images / f"{s['image_id']}.png") for s in chunk]
-            result = model.reconstruct(images, budgets=budgets)
-            lengths += [int(n) for n in result.auto_lengths]
-            for budget, recon in result.by_budget.items():
-                squared[str(budget)] += float(((recon - result.inputs) ** 2).sum())
-            squared["auto"] += float(((result.auto - result.inputs) ** 2).sum())
-            pixels_seen += result.inputs.numel()
-    n_objects = [int(s["n_objects"]) for s in scenes]
-    laplacian = [float(s["laplacian_var"]) for s in scenes]
-    rho_objects, p_objects = _spearman(spearmanr, lengths, n_objects)
-    rho_laplacian, p_laplacian = _spearman(spearmanr, lengths, laplacian)
-    length_study = LengthStudy(lengths, n_objects, laplacian, rho_objects, rho_laplacian, p_objects, p_laplacian)
-    recon_study = ReconstructionStudy(
-        budgets=budgets,
-        psnr={key: _psnr(value / pixels_seen) for key, value in squared.items()},
-        mean_auto_length=statistics.fmean(lengths),
-        n_images=len(scenes),
-    )
-
-    examples = _examples_by_complexity(scenes, recipe.report_examples)
-    images = [load_image(paths.images / f"{s['image_id']}.png") for s in examples]
-    with torch.no_grad():
-        grid = model.reconstruct(images, budgets=[b for b in budgets if b != model.max_tokens] + [model.max_tokens])
-    save_reconstruction_grid(grid, figure_dir / FIGURES["reconstructions"], cell=96)
-    return length_study, recon_study
-
-
-def _spearman(spearmanr: Any, a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Spearman's rho and its p-value; NaN when either side is constant (no ranking to correlate)."""
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return math.nan, math.nan
-    result = spearmanr(a, b)
-    return float(result.statistic), float(result.pvalue)
-
-
-def _examples_by_complexity(scenes: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
-    """Up to `count` scenes, spread over the object counts (plain before textured), in rising complexity."""
-    by_count: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
-    for scene in scenes:
-        by_count[int(scene["n_objects"])].append(scene)
-    chosen: list[Mapping[str, Any]] = []
-    rounds = 0
-    while len(chosen) < count and rounds < len(scenes):
-        for n in sorted(by_count):
-            pool = sorted(by_count[n], key=lambda s: (s["background"] != "plain", s["image_id"]))
-            if rounds < len(pool) and len(chosen) < count:
-                chosen.append(pool[rounds])
-        rounds += 1
-    return sorted(chosen, key=lambda s: (int(s["n_objects"]), float(s["laplacian_var"])))
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalRow:
-    setting: str
-    query: str
-    budget: str
-    accuracy: float
-    n: int
-    mean_tokens: float
-    median_tokens: float
-    max_tokens: float
-    answers_per_s: float
-
-
-def read_eval_rows(eval_dir: Path) -> tuple[list[EvalRow], EvalRow | None]:
-    """The shapes task's rows of `eval-vqa`'s results.csv, and its blind-baseline row."""
-    path = _need(eval_dir / "results.csv", "eval")
-    rows, blind = [], None
-    with open(path, newline="", encoding="utf-8") as handle:
-        for raw in csv.DictReader(handle):
-            if raw["task"] != "dove_shapes_vqa":
-                continue
-            row = EvalRow(
-                setting=raw["setting"],
-                query=raw["query"],
-                budget=raw["budget"],
-                accuracy=_float(raw["accuracy"]),
-                n=int(raw["n"] or 0),
-                mean_tokens=_float(raw["mean_visual_tokens"]),
-                median_tokens=_float(raw["median_visual_tokens"]),
-                max_tokens=_float(raw["max_visual_tokens"]),
-                answers_per_s=_float(raw["answers_per_s"]),
-            )
-            if row.setting == "blind":
-                blind = row
-            else:
-                rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no dove_shapes_vqa rows")
-    return rows, blind
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Accuracy per question type for each evaluated setting, from lmms-eval's samples logs.
-
-    Returns ({setting: {type: accuracy}}, {type: number of questions}) with the blind baseline as the
-    setting 'blind', computed on exactly the questions the first setting evaluated.
-    """
-    import pyarrow.parquet as pq
-
-    from .shapes import QUESTION_TYPES, blind_baseline_accuracy
-
-    test = {str(r["question_id"]): r for r in _read_json(data_dir / "test" / "annotations.json", "data")}
-    train = _read_json(data_dir / "train" / "annotations.json", "data")
-    # lmms-eval's samples log names each question by its row in the task's parquet (`doc_id`)
-    parquet = _need(data_dir / "test" / "vqa.parquet", "data")
-    row_ids = [str(q) for q in pq.read_table(parquet, columns=["question_id"]).column("question_id").to_pylist()]
-    accuracy: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = {}
-    evaluated: list[str] | None = None
-    for run_dir in sorted(p for p in (_need(eval_dir / "runs", "eval")).iterdir() if p.is_dir()):
-        logs = sorted(run_dir.rglob("*samples_dove_shapes_vqa.jsonl"))
-        if not logs:
-            continue
-        outcomes: dict[str, list[float]] = defaultdict(list)
-        ids = []
-        with open(logs[-1], encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                sample = json.loads(line)
-                question_id = row_ids[int(sample["doc_id"])]
-                ids.append(question_id)
-                outcomes[test[question_id]["question_type"]].append(float(sample["exact_match"]))
-        accuracy[run_dir.name] = {t: statistics.fmean(v) for t, v in outcomes.items()}
-        if evaluated is None:
-            evaluated = ids
-    if evaluated is not None:
-        blind: dict[str, float] = {}
-        for question_type in QUESTION_TYPES:
-            subset = [test[i] for i in evaluated if test[i]["question_type"] == question_type]
-            if subset:
-                blind[question_type] = blind_baseline_accuracy(train, subset)
-                counts[question_type] = len(subset)
-        accuracy["blind"] = blind
-    return accuracy, counts
-
-
-def setting_name(query: str, budget: str) -> str:
-    """eval-vqa's run directory name for one setting."""
-    return f"query-{query}_budget-{budget}"
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -371,90 +148,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _finetune_summary(stage_dir: Path) -> dict[str, Any] | None:
-    path = stage_dir / "finetune_log.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    losses = record.get("losses") or []
-    return {
-        "losses": losses,
-        "first": losses[0] if losses else math.nan,
-        "last": losses[-1] if losses else math.nan,
-        "trainable": (record.get("parameters") or {}).get("trainable"),
-        "total": (record.get("parameters") or {}).get("total"),
-        "template": record.get("template"),
-    }
-
-
-def _tokenizer_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@dataclass
-class AccuracyCheck:
-    accuracy: float
-    blind: float
-    n: int
-    margin: float
-    passed: bool
-    setting: str
-
-
-def accuracy_check(rows: Sequence[EvalRow], blind: EvalRow | None) -> AccuracyCheck | None:
-    """Query on, automatic length against the blind baseline on the same evaluated questions."""
-    if blind is None:
-        return None
-    headline = next((r for r in rows if (r.query, r.budget) == HEADLINE_SETTING), None)
-    if headline is None:
-        return None
-    if headline.n != blind.n:
-        raise ValueError(
-            f"the blind baseline covers {blind.n} questions but the evaluation {headline.n}: not the same split"
-        )
-    margin = headline.accuracy - blind.accuracy
-    return AccuracyCheck(headline.accuracy, blind.accuracy, headline.n, margin, margin >= REQUIRED_MARGIN,
-                         headline.setting)  # fmt: skip
-
-
 def write_report(
     paths: DemoPaths,
     recipe: DemoRecipe,
     steps: Sequence[DemoStep],
     timings: Mapping[str, Mapping[str, Any]],
+    measured: DemoMeasurements,
     started: float | None = None,
-    progress: bool = True,
 ) -> Path:
-    """Measure what needs measuring, draw the figures and write DIR/report.md; returns its path."""
-    from tqdm.auto import tqdm
-
-    from .demo import machine_description
+    """Draw the figures and write DIR/report.md from the measurements; returns its path."""
+    from tokenizer.evaluation.visualize import save_reconstruction_grid
 
     started = time.perf_counter() if started is None else started
     figures = paths.figures
     figures.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=4, desc="report", unit="part", disable=not progress)
-    length_study, recon_study = study_tokenizer(paths, recipe, figures)
-    bar.update(1)
-    plot_length_vs_complexity(length_study, figures / FIGURES["length"])
-    bar.update(1)
-    rows, blind = read_eval_rows(paths.eval)
-    plot_accuracy_vs_tokens(rows, blind, figures / FIGURES["accuracy"])
-    by_type, type_counts = per_type_accuracy(paths.eval, paths.data)
-    plot_accuracy_by_type(by_type, figures / FIGURES["by_type"])
-    bar.update(1)
-    check = accuracy_check(rows, blind)
-
+    save_reconstruction_grid(measured.grid, figures / FIGURES["reconstructions"], cell=96)
+    plot_length_vs_complexity(measured.lengths, figures / FIGURES["length"])
+    plot_accuracy_vs_tokens(measured.rows, measured.blind, figures / FIGURES["accuracy"])
+    plot_accuracy_by_type(measured.by_type, figures / FIGURES["by_type"])
     all_timings = dict(timings)
     all_timings["report"] = {"seconds": time.perf_counter() - started}
-    text = render_markdown(paths, recipe, steps, all_timings, length_study, recon_study, rows, blind, by_type,
-                           type_counts, check, machine_description())  # fmt: skip
-    paths.report.write_text(text, encoding="utf-8")
-    bar.update(1)
-    bar.close()
+    paths.report.write_text(render_markdown(paths, recipe, steps, all_timings, measured), encoding="utf-8")
     return paths.report
 
 
@@ -463,20 +177,9 @@ def render_markdown(
     recipe: DemoRecipe,
     steps: Sequence[DemoStep],
     timings: Mapping[str, Mapping[str, Any]],
-    length_study: LengthStudy,
-    recon_study: ReconstructionStudy,
-    rows: Sequence[EvalRow],
-    blind: EvalRow | None,
-    by_type: Mapping[str, Mapping[str, float]],
-    type_counts: Mapping[str, int],
-    check: AccuracyCheck | None,
-    machine: Mapping[str, Any],
+    measured: DemoMeasurements,
 ) -> str:
-    summary = _read_json(paths.data / "scenes.json", "data")
-    n_test = sum(1 for s in summary if s["split"] == "test")
-    n_train = len(summary) - n_test
-    train_questions = len(_read_json(paths.split_file("train", "annotations.json"), "data"))
-    test_questions = len(_read_json(paths.split_file("test", "annotations.json"), "data"))
+    data, machine, check = measured.data, measured.machine, measured.check
     total = sum(float(t.get("seconds", 0.0)) for t in timings.values())
     lines = [
         f"# dove-vlm demo report ({recipe.name})",
@@ -509,17 +212,17 @@ def render_markdown(
         "## Data",
         "",
         (
-            f"`dove-vlm make-shapes`: {len(summary)} scenes of 1 to {recipe.max_objects} shapes at 64 px"
+            f"`dove-vlm make-shapes`: {data.n_scenes} scenes of 1 to {recipe.max_objects} shapes at 64 px"
             + (f", object sizes x{recipe.object_scale:g}" if recipe.object_scale != 1.0 else "")
-            + f" ({n_train} train, {n_test} held out), {recipe.questions_per_image} questions per scene "
+            + f" ({data.n_train} train, {data.n_test} held out), {recipe.questions_per_image} questions per scene "
             f"({', '.join(recipe.question_types) if recipe.question_types else 'every type'}): "
-            f"{train_questions} training and {test_questions} held-out questions."
+            f"{data.train_questions} training and {data.test_questions} held-out questions."
         ),
         "",
     ]
-    lines += _tokenizer_section(paths, recipe, recon_study, length_study, rows)
-    lines += _vlm_section(paths, recipe)
-    lines += _eval_section(rows, blind, by_type, type_counts)
+    lines += _tokenizer_section(paths, recipe, measured)
+    lines += _vlm_section(recipe, measured.stages)
+    lines += _eval_section(measured.rows, measured.blind, measured.by_type, measured.type_counts)
     lines += [
         "## Time per step",
         "",
@@ -548,17 +251,9 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _tokenizer_section(
-    paths: DemoPaths,
-    recipe: DemoRecipe,
-    recon: ReconstructionStudy,
-    lengths: LengthStudy,
-    rows: Sequence[EvalRow],
-) -> list[str]:
-    from tokenizer import DoveConfig
-
-    config = DoveConfig.load(paths.tokenizer)
-    metrics = _tokenizer_metrics(paths.tokenizer_run)
+def _tokenizer_section(paths: DemoPaths, recipe: DemoRecipe, measured: DemoMeasurements) -> list[str]:
+    config, recon, lengths, rows = measured.tokenizer, measured.reconstruction, measured.lengths, measured.rows
+    metrics = config.metrics
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
     train = recipe.tokenizer_train
     lines = [
@@ -581,7 +276,10 @@ def _tokenizer_section(
             "EOS head chose (last column)."
         ),
         "",
-        f"Reconstruction quality on the {recon.n_images} held-out images (PSNR, dB; higher is better):",
+        (
+            f"Reconstruction quality on the {recon.n_images} held-out images: mean per-image PSNR (dB, higher is "
+            "better; the number `dove-vlm eval-recon` reports):"
+        ),
         "",
         *_table(
             [*(f"{b} tokens" for b in recon.budgets), f"automatic (mean {recon.mean_auto_length:.1f} tokens)"],
@@ -619,8 +317,7 @@ def _tokenizer_section(
     return lines
 
 
-def _vlm_section(paths: DemoPaths, recipe: DemoRecipe) -> list[str]:
-    stage1, stage2 = _finetune_summary(paths.stage1), _finetune_summary(paths.stage2)
+def _vlm_section(recipe: DemoRecipe, stages: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
     stage2_kind = "LoRA adapters on the LLM" if recipe.stage2_lora else "the whole LLM"
     lines = [
         "## The VLM",
@@ -638,7 +335,7 @@ def _vlm_section(paths: DemoPaths, recipe: DemoRecipe) -> list[str]:
         "",
     ]
     table = []
-    for name, record in (("stage 1", stage1), ("stage 2", stage2)):
+    for name, record in stages.items():
         if record is None:
             continue
         trainable = record["trainable"]

@@ -15,7 +15,8 @@ import pytest
 
 from dove_vlm.cli import main as cli_main
 from dove_vlm.demo import FAST, FULL, STEP_NAMES, DemoPaths, build_steps, parse_steps, write_tokenizer_config
-from dove_vlm.report import FIGURES, REQUIRED_MARGIN, EvalRow, accuracy_check
+from dove_vlm.demo_measure import REQUIRED_MARGIN, EvalRow, accuracy_check
+from dove_vlm.report import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,27 @@ def test_re_running_steps_refuses_a_directory_made_with_the_other_recipe(tmp_pat
     save_state(paths, FULL, {})
     with pytest.raises(ValueError, match="'full' demo"):
         run_demo(tmp_path, fast=True, steps=["report"], progress=False)
+
+
+def _imported_modules(module: str) -> set[str]:
+    """The dove_vlm modules a dove_vlm module imports (at any depth of its code, lazily or not)."""
+    import ast
+
+    tree = ast.parse((REPO / "dove_vlm" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module or "")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dove_vlm."):
+            found.add(node.module.split(".", 1)[1])
+    return found
+
+
+def test_the_demo_modules_import_one_way_recipe_then_measurements_then_report_then_runner():
+    assert _imported_modules("demo_recipe") == set()
+    assert _imported_modules("demo_measure") <= {"demo_recipe", "shapes"}
+    assert _imported_modules("report") <= {"demo_recipe", "demo_measure"}
+    assert "report" in _imported_modules("demo")
 
 
 # ---------------------------------------------------------------------------------------------- the check
