@@ -52,10 +52,19 @@ def machine_description() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "blas": _blas(torch.__config__.show()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
     }
+
+
+def _blas(config: str) -> str:
+    """The BLAS torch was built with, from `torch.__config__.show()` ("unknown" if it does not say)."""
+    for line in config.splitlines():
+        if "BLAS_INFO=" in line:
+            return line.split("BLAS_INFO=", 1)[1].split(",", 1)[0].strip() or "unknown"
+    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- the tokenizer
@@ -269,12 +278,18 @@ def _float(text: str) -> float:
         return math.nan
 
 
-def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Accuracy per question type for each evaluated setting, from lmms-eval's samples logs.
+@dataclass
+class TypeResults:
+    """Per question type and evaluated setting: accuracy and mean visual tokens, with the blind baseline as the
+    setting 'blind' (computed on exactly the questions the first setting evaluated) and the question counts."""
 
-    Returns ({setting: {type: accuracy}}, {type: number of questions}) with the blind baseline as the
-    setting 'blind', computed on exactly the questions the first setting evaluated.
-    """
+    accuracy: dict[str, dict[str, float]]
+    mean_tokens: dict[str, dict[str, float]]
+    counts: dict[str, int]
+
+
+def per_type_results(eval_dir: Path, data_dir: Path) -> TypeResults:
+    """Accuracy and visual tokens per question type for each evaluated setting, from lmms-eval's samples logs."""
     import pyarrow.parquet as pq
 
     from .shapes import QUESTION_TYPES, blind_baseline_accuracy
@@ -285,6 +300,7 @@ def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[st
     parquet = _need(data_dir / "test" / "vqa.parquet", "data")
     row_ids = [str(q) for q in pq.read_table(parquet, columns=["question_id"]).column("question_id").to_pylist()]
     accuracy: dict[str, dict[str, float]] = {}
+    tokens: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     evaluated: list[str] | None = None
     for run_dir in sorted(p for p in (_need(eval_dir / "runs", "eval")).iterdir() if p.is_dir()):
@@ -292,6 +308,7 @@ def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[st
         if not logs:
             continue
         outcomes: dict[str, list[float]] = defaultdict(list)
+        visual: dict[str, list[int]] = defaultdict(list)
         ids = []
         with open(logs[-1], encoding="utf-8") as handle:
             for line in handle:
@@ -300,8 +317,13 @@ def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[st
                 sample = json.loads(line)
                 question_id = row_ids[int(sample["doc_id"])]
                 ids.append(question_id)
-                outcomes[test[question_id]["question_type"]].append(float(sample["exact_match"]))
+                question_type = test[question_id]["question_type"]
+                outcomes[question_type].append(float(sample["exact_match"]))
+                record = (sample.get("token_counts") or [{}])[0] or {}
+                if isinstance(record.get("visual_tokens"), int):
+                    visual[question_type].append(record["visual_tokens"])
         accuracy[run_dir.name] = {t: statistics.fmean(v) for t, v in outcomes.items()}
+        tokens[run_dir.name] = {t: statistics.fmean(v) for t, v in visual.items()}
         if evaluated is None:
             evaluated = ids
     if evaluated is not None:
@@ -312,7 +334,7 @@ def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[st
                 blind[question_type] = blind_baseline_accuracy(train, subset)
                 counts[question_type] = len(subset)
         accuracy["blind"] = blind
-    return accuracy, counts
+    return TypeResults(accuracy, tokens, counts)
 
 
 def setting_name(query: str, budget: str) -> str:
@@ -346,6 +368,109 @@ def accuracy_check(rows: Sequence[EvalRow], blind: EvalRow | None) -> AccuracyCh
                          headline.setting)  # fmt: skip
 
 
+def verdict(check: AccuracyCheck) -> str:
+    """The check's one word, from its own numbers."""
+    return "PASSED" if check.passed else "NOT REACHED"
+
+
+# What variable length should buy (the demo's aims beside the check; they do not change the verdict).
+NEEDS_TOKENS_GAIN = 0.15  # full budget over one token on a question type that needs more than the gist
+AUTO_ACCURACY_SLACK = 0.02  # the automatic length within 2 points of the full budget...
+AUTO_TOKEN_SHARE = 0.60  # ...at no more than 60% of its tokens
+LENGTH_SPEARMAN = 0.5  # automatic length against object count on the held-out scenes
+QUERY_TOKEN_CUT = 0.30  # the question as the query saves at least 30% of the tokens...
+QUERY_ACCURACY_SLACK = 0.02  # ...at accuracy within 2 points of query-off
+HEADROOM_MARGIN = 0.35  # the check's 30 points plus 5 of headroom for other machines
+
+
+@dataclass
+class Finding:
+    """One aim, what it asks, what this run measured, and whether it holds (None: not measured)."""
+
+    aim: str
+    target: str
+    measured: str
+    met: bool | None
+
+
+def full_budget_of(rows: Sequence[EvalRow]) -> str | None:
+    """The largest fixed budget evaluated with the query on (as eval-vqa names budgets), or None."""
+    fixed = [int(r.budget) for r in rows if r.query == "on" and r.budget.isdigit()]
+    return str(max(fixed)) if fixed else None
+
+
+def type_gains(by_type: Mapping[str, Mapping[str, float]], rows: Sequence[EvalRow]) -> dict[str, float]:
+    """Per question type: accuracy at the full budget minus accuracy at one token, query on."""
+    full = full_budget_of(rows)
+    one, top = by_type.get(setting_name("on", "1"), {}), by_type.get(setting_name("on", full or ""), {})
+    if full is None or full == "1":
+        return {}
+    return {t: top[t] - one[t] for t in top if t in one}
+
+
+def variable_length_findings(
+    rows: Sequence[EvalRow],
+    by_type: Mapping[str, Mapping[str, float]],
+    spearman_objects: float,
+    check: AccuracyCheck | None,
+) -> list[Finding]:
+    """What variable length bought in this run, each aim against its target; a pure function of the numbers."""
+    by_setting = {(r.query, r.budget): r for r in rows}
+    full = full_budget_of(rows)
+    findings = []
+
+    gains = type_gains(by_type, rows)
+    if gains:
+        best = max(gains, key=lambda t: gains[t])
+        measured = ", ".join(f"{t} {100 * g:+.1f}" for t, g in gains.items())
+        findings.append(Finding(f"more tokens buy accuracy where the question needs them (1 -> {full} tokens)",
+                                f"some type >= +{100 * NEEDS_TOKENS_GAIN:.0f} points", measured + " points",
+                                gains[best] >= NEEDS_TOKENS_GAIN))  # fmt: skip
+    else:
+        findings.append(Finding("more tokens buy accuracy where the question needs them",
+                                f"some type >= +{100 * NEEDS_TOKENS_GAIN:.0f} points", "not evaluated", None))  # fmt: skip
+
+    auto, top = by_setting.get(("on", "auto")), by_setting.get(("on", full or ""))
+    if auto is not None and top is not None:
+        share = auto.mean_tokens / top.mean_tokens
+        gap = top.accuracy - auto.accuracy
+        findings.append(Finding(
+            f"the automatic length is worth it (query on, against {full} tokens)",
+            f"within {100 * AUTO_ACCURACY_SLACK:.0f} points at <= {100 * AUTO_TOKEN_SHARE:.0f}% of the tokens",
+            f"{100 * (auto.accuracy - top.accuracy):+.1f} points at {100 * share:.0f}% of the tokens",
+            gap <= AUTO_ACCURACY_SLACK and share <= AUTO_TOKEN_SHARE,
+        ))  # fmt: skip
+    else:
+        findings.append(Finding("the automatic length is worth it", "", "not evaluated", None))
+
+    findings.append(Finding(
+        "busier scenes get more tokens (held-out scenes, no query)",
+        f"Spearman with the object count >= {LENGTH_SPEARMAN:.1f}",
+        "n/a" if math.isnan(spearman_objects) else f"{spearman_objects:.2f}",
+        None if math.isnan(spearman_objects) else spearman_objects >= LENGTH_SPEARMAN,
+    ))  # fmt: skip
+
+    on, off = by_setting.get(("on", "auto")), by_setting.get(("off", "auto"))
+    if on is not None and off is not None and off.mean_tokens > 0:
+        cut = 1.0 - on.mean_tokens / off.mean_tokens
+        findings.append(Finding(
+            "the query helps (automatic length, query on against off)",
+            f">= {100 * QUERY_TOKEN_CUT:.0f}% fewer tokens, accuracy within {100 * QUERY_ACCURACY_SLACK:.0f} points",
+            f"{100 * cut:.0f}% fewer tokens, {100 * (on.accuracy - off.accuracy):+.1f} points",
+            cut >= QUERY_TOKEN_CUT and on.accuracy >= off.accuracy - QUERY_ACCURACY_SLACK,
+        ))  # fmt: skip
+    else:
+        findings.append(Finding("the query helps", "", "not evaluated", None))
+
+    findings.append(Finding(
+        "the check with headroom for other machines",
+        f"margin >= +{100 * HEADROOM_MARGIN:.0f} points",
+        "not evaluated" if check is None else f"{100 * check.margin:+.1f} points",
+        None if check is None else check.margin >= HEADROOM_MARGIN,
+    ))  # fmt: skip
+    return findings
+
+
 # ---------------------------------------------------------------------------------------------- all of it
 
 
@@ -362,8 +487,10 @@ class DemoMeasurements:
     rows: list[EvalRow]
     blind: EvalRow | None
     by_type: dict[str, dict[str, float]]
+    type_tokens: dict[str, dict[str, float]]
     type_counts: dict[str, int]
     check: AccuracyCheck | None
+    findings: list[Finding]
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -371,7 +498,8 @@ def measure_demo(paths: DemoPaths, recipe: DemoRecipe) -> DemoMeasurements:
     """Measure what the report states from the files the demo's steps wrote under `paths`."""
     length_study, recon_study, grid = study_tokenizer(paths, recipe)
     rows, blind = read_eval_rows(paths.eval)
-    by_type, type_counts = per_type_accuracy(paths.eval, paths.data)
+    types = per_type_results(paths.eval, paths.data)
+    check = accuracy_check(rows, blind)
     return DemoMeasurements(
         data=summarise_data(paths),
         tokenizer=summarise_tokenizer(paths),
@@ -381,8 +509,10 @@ def measure_demo(paths: DemoPaths, recipe: DemoRecipe) -> DemoMeasurements:
         stages={"stage 1": finetune_summary(paths.stage1), "stage 2": finetune_summary(paths.stage2)},
         rows=rows,
         blind=blind,
-        by_type=by_type,
-        type_counts=type_counts,
-        check=accuracy_check(rows, blind),
+        by_type=types.accuracy,
+        type_tokens=types.mean_tokens,
+        type_counts=types.counts,
+        check=check,
+        findings=variable_length_findings(rows, types.accuracy, length_study.spearman_objects, check),
         machine=machine_description(),
     )

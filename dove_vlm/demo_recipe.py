@@ -145,7 +145,7 @@ FULL = DemoRecipe(
                      "grid_every": 400},
     stage1_epochs=0.5,
     stage2_epochs=5.0,
-    eval_budgets=(1, 4),
+    eval_budgets=(1, 2, 4, 8),
     eval_limit=600,
 )  # fmt: skip
 
@@ -160,7 +160,7 @@ FAST = DemoRecipe(
     tokenizer_train={**_TOKENIZER_COMMON, "max_steps": 120, "vq_warmup_steps": 60, "length_ramp_steps": 30,
                      "grid_every": 0, "checkpoint_every": 0},
     stage2_epochs=1.0,
-    eval_budgets=(1, 4),
+    eval_budgets=(1, 4, 8),
     report_budgets=(1, 4, 8),
 )  # fmt: skip
 
@@ -329,7 +329,7 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
     common = [
         "--data", str(paths.split_file("train", "llava.json")), "--image-folder", str(paths.images),
         "--deepspeed", DEEPSPEED_CONFIG, "--no-bf16", "--visual-length-cache", str(paths.cache),
-        "--seed", str(recipe.seed), "--logging-steps", "10",
+        "--seed", str(recipe.seed), "--logging-steps", "10", "--cache-dataset",
     ]  # fmt: skip
     stage1 = [
         "finetune", "--stage", "1", "--llm", str(paths.llm), "--tower", str(paths.tokenizer),

@@ -23,11 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from .demo_measure import (
+    NEEDS_TOKENS_GAIN,
     REQUIRED_MARGIN,
+    AccuracyCheck,
     DemoMeasurements,
     EvalRow,
     LengthStudy,
+    full_budget_of,
     setting_name,
+    type_gains,
+    verdict,
 )
 from .demo_recipe import DemoPaths, DemoRecipe, DemoStep
 
@@ -36,6 +41,7 @@ FIGURES = {
     "length": "length_vs_complexity.png",
     "accuracy": "accuracy_vs_tokens.png",
     "by_type": "accuracy_by_type.png",
+    "budget_by_type": "accuracy_vs_budget_by_type.png",
 }
 
 
@@ -131,6 +137,38 @@ def plot_accuracy_by_type(accuracy: Mapping[str, Mapping[str, float]], path: Pat
     return path
 
 
+def plot_accuracy_vs_budget_by_type(
+    rows: Sequence[EvalRow], accuracy: Mapping[str, Mapping[str, float]], path: Path
+) -> Path:
+    """One curve per question type: accuracy against the fixed budget (query on), its blind baseline dotted and
+    its automatic-length accuracy as a star at the mean tokens it spent."""
+    plt = _pyplot()
+    budgets = sorted({int(r.budget) for r in rows if r.query == "on" and r.budget.isdigit()})
+    auto = next((r for r in rows if (r.query, r.budget) == ("on", "auto")), None)
+    types = list(accuracy.get("blind", {})) or sorted({t for v in accuracy.values() for t in v})
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, question_type in enumerate(types):
+        colour = f"C{index}"
+        values = [accuracy.get(setting_name("on", str(b)), {}).get(question_type, math.nan) for b in budgets]
+        axis.plot(budgets, values, "o-", color=colour, label=question_type)
+        if question_type in accuracy.get("blind", {}):
+            axis.axhline(accuracy["blind"][question_type], color=colour, linestyle=":", alpha=0.7)
+        if auto is not None:
+            value = accuracy.get(setting_name("on", "auto"), {}).get(question_type, math.nan)
+            axis.plot([auto.mean_tokens], [value], marker="*", markersize=13, color=colour, linestyle="none")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(budgets, [str(b) for b in budgets])
+    axis.set(xlabel="visual tokens (fixed budget; star: automatic length, all types' mean)",
+             ylabel="exact-match accuracy", ylim=(0, 1),
+             title="Accuracy per question type against the budget (dotted: blind)")  # fmt: skip
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 
@@ -166,10 +204,42 @@ def write_report(
     plot_length_vs_complexity(measured.lengths, figures / FIGURES["length"])
     plot_accuracy_vs_tokens(measured.rows, measured.blind, figures / FIGURES["accuracy"])
     plot_accuracy_by_type(measured.by_type, figures / FIGURES["by_type"])
+    plot_accuracy_vs_budget_by_type(measured.rows, measured.by_type, figures / FIGURES["budget_by_type"])
     all_timings = dict(timings)
     all_timings["report"] = {"seconds": time.perf_counter() - started}
     paths.report.write_text(render_markdown(paths, recipe, steps, all_timings, measured), encoding="utf-8")
     return paths.report
+
+
+def render_check(check: AccuracyCheck | None) -> list[str]:
+    """The report's check paragraph: the headline accuracy, the blind baseline, the margin and its verdict."""
+    if check is None:
+        return ["No check: the evaluation has no query-on automatic-length row or no blind baseline.", ""]
+    return [
+        (
+            f"VQA accuracy on {check.n} held-out questions (scenes never seen in training), query on, automatic "
+            f"length: **{_pct(check.accuracy)}**. Blind baseline on the same questions (the majority training "
+            f"answer for each question's wording, no image): **{_pct(check.blind)}**. Margin: "
+            f"**{100 * check.margin:+.1f} points** against the {100 * REQUIRED_MARGIN:.0f} required: "
+            f"**{verdict(check)}**."
+        ),
+        "",
+    ]
+
+
+def _findings_section(measured: DemoMeasurements) -> list[str]:
+    def status(met: bool | None) -> str:
+        return "not measured" if met is None else ("yes" if met else "**no**")
+
+    return [
+        "What variable length bought in this run (aims beside the check; they do not change its verdict):",
+        "",
+        *_table(
+            ["aim", "target", "measured", "met"],
+            [[f.aim, f.target, f.measured, status(f.met)] for f in measured.findings],
+        ),
+        "",
+    ]
 
 
 def render_markdown(
@@ -194,21 +264,9 @@ def render_markdown(
         "## The accuracy check",
         "",
     ]
-    if check is None:
-        lines.append("No check: the evaluation has no query-on automatic-length row or no blind baseline.")
-    else:
-        verdict = "PASSED" if check.passed else "NOT REACHED"
-        lines += [
-            (
-                f"VQA accuracy on {check.n} held-out questions (scenes never seen in training), query on, automatic "
-                f"length: **{_pct(check.accuracy)}**. Blind baseline on the same questions (the majority training "
-                f"answer for each question's wording, no image): **{_pct(check.blind)}**. Margin: "
-                f"**{100 * check.margin:+.1f} points** against the {100 * REQUIRED_MARGIN:.0f} required: "
-                f"**{verdict}**."
-            ),
-        ]
+    lines += render_check(check)
+    lines += _findings_section(measured)
     lines += [
-        "",
         "## Data",
         "",
         (
@@ -222,7 +280,8 @@ def render_markdown(
     ]
     lines += _tokenizer_section(paths, recipe, measured)
     lines += _vlm_section(recipe, measured.stages)
-    lines += _eval_section(measured.rows, measured.blind, measured.by_type, measured.type_counts)
+    lines += _eval_section(measured.rows, measured.blind, measured.by_type, measured.type_tokens,
+                           measured.type_counts)  # fmt: skip
     lines += [
         "## Time per step",
         "",
@@ -235,7 +294,10 @@ def render_markdown(
         (
             f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} cores, torch {machine.get('torch')} "
             f"with {machine.get('torch_threads')} threads, Python {machine.get('python')}, "
-            f"{'CUDA available' if machine.get('cuda') else 'no GPU used'}."
+            f"{'CUDA available' if machine.get('cuda') else 'no GPU used'}, BLAS {machine.get('blas', 'unknown')}. "
+            "The same seed on this machine gives the same accuracy tables; another machine can differ through "
+            "its thread count and BLAS (the order of floating-point sums), which move training by small amounts "
+            "that the count questions can amplify. Answers/s depend on the machine's load."
         ),
         "",
         "## Re-running one step",
@@ -353,6 +415,7 @@ def _eval_section(
     rows: Sequence[EvalRow],
     blind: EvalRow | None,
     by_type: Mapping[str, Mapping[str, float]],
+    type_tokens: Mapping[str, Mapping[str, float]],
     type_counts: Mapping[str, int],
 ) -> list[str]:
     lines = [
@@ -394,5 +457,49 @@ def _eval_section(
             "",
             f"![accuracy by type](figures/{FIGURES['by_type']})",
             "",
+            *_budget_by_type_table(rows, by_type, type_tokens, type_counts),
         ]
     return lines
+
+
+def _budget_by_type_table(
+    rows: Sequence[EvalRow],
+    by_type: Mapping[str, Mapping[str, float]],
+    type_tokens: Mapping[str, Mapping[str, float]],
+    type_counts: Mapping[str, int],
+) -> list[str]:
+    """Per question type: accuracy at each fixed budget (query on), at the automatic length with the query on and
+    off (with the mean tokens it spent), the blind baseline, and whether the type needs more than one token."""
+    budgets = sorted({int(r.budget) for r in rows if r.query == "on" and r.budget.isdigit()})
+    full = full_budget_of(rows)
+    gains = type_gains(by_type, rows)
+    types = list(by_type.get("blind", {})) or sorted({t for v in by_type.values() for t in v})
+
+    def auto(query: str, question_type: str) -> str:
+        key = setting_name(query, "auto")
+        accuracy = by_type.get(key, {}).get(question_type, math.nan)
+        return f"{_pct(accuracy)} ({_num(type_tokens.get(key, {}).get(question_type, math.nan), 2)})"
+
+    def needs(question_type: str) -> str:
+        if question_type not in gains:
+            return "-"
+        return "yes" if gains[question_type] >= NEEDS_TOKENS_GAIN else "no"
+
+    table = [
+        [f"{t} ({type_counts.get(t, '-')})",
+         *(_pct(by_type.get(setting_name("on", str(b)), {}).get(t, math.nan)) for b in budgets),
+         auto("on", t), auto("off", t), _pct(by_type.get("blind", {}).get(t, math.nan)),
+         "-" if t not in gains else f"{100 * gains[t]:+.1f}", needs(t)]
+        for t in types
+    ]  # fmt: skip
+    header = ["question type (questions)", *(f"{b} token{'s' if b > 1 else ''}" for b in budgets),
+              "auto, query on (tokens)", "auto, query off (tokens)", "blind",
+              f"1 -> {full} tokens (points)", f"needs tokens (>= +{100 * NEEDS_TOKENS_GAIN:.0f})"]  # fmt: skip
+    return [
+        "Accuracy per question type against the budget (fixed budgets with the query on):",
+        "",
+        *_table(header, table),
+        "",
+        f"![accuracy vs budget per type](figures/{FIGURES['budget_by_type']})",
+        "",
+    ]
