@@ -1,8 +1,7 @@
-"""The demo's report: report.md and its PNG figures, from what the demo's steps wrote.
+"""The demo's report: report.md and its PNG figures, rendered from `DemoMeasurements`.
 
-Everything shown is measured here or read from the steps' own outputs (the tokenizer's metrics log, the
-fine-tuning logs, lmms-eval's results and samples); the report states the numbers whatever they are,
-and the accuracy check says plainly whether the margin over the blind baseline was reached.
+Nothing here runs a model or reads the steps' outputs (`dove_vlm.demo_measure` does): the report states
+the numbers whatever they are, and the accuracy check says plainly whether the margin was reached.
 
 Figures (in DIR/figures):
     reconstructions.png          held-out scenes of growing complexity, decoded at fixed budgets and at the
@@ -16,250 +15,34 @@ Figures (in DIR/figures):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .demo import DemoPaths, DemoRecipe, DemoStep
+from .demo_measure import (
+    NEEDS_TOKENS_GAIN,
+    REQUIRED_MARGIN,
+    AccuracyCheck,
+    DemoMeasurements,
+    EvalRow,
+    LengthStudy,
+    full_budget_of,
+    setting_name,
+    type_gains,
+    verdict,
+)
+from .demo_recipe import DemoPaths, DemoRecipe, DemoStep
 
-REQUIRED_MARGIN = 0.30  # accuracy points over the blind baseline the demo must show
 FIGURES = {
     "reconstructions": "reconstructions.png",
     "length": "length_vs_complexity.png",
     "accuracy": "accuracy_vs_tokens.png",
     "by_type": "accuracy_by_type.png",
+    "budget_by_type": "accuracy_vs_budget_by_type.png",
 }
-HEADLINE_SETTING = ("on", "auto")  # query on, automatic length: what Q-DOVE is for
-
-
-class ReportInputError(FileNotFoundError):
-    """A file the report reads is missing: the message names it and the step that writes it."""
-
-
-def _need(path: Path, step: str) -> Path:
-    if not path.exists():
-        raise ReportInputError(f"{path} does not exist; run the demo's '{step}' step first")
-    return path
-
-
-def _read_json(path: Path, step: str) -> Any:
-    try:
-        return json.loads(_need(path, step).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-# ---------------------------------------------------------------------------------------------- measurements
-
-
-@dataclass
-class LengthStudy:
-    """Automatic lengths of held-out images (no query) against their complexity."""
-
-    lengths: list[int]
-    n_objects: list[int]
-    laplacian: list[float]
-    spearman_objects: float
-    spearman_laplacian: float
-    p_objects: float
-    p_laplacian: float
-
-
-@dataclass
-class ReconstructionStudy:
-    """PSNR of held-out reconstructions per budget, and at the automatic length."""
-
-    budgets: list[int]
-    psnr: dict[str, float]
-    mean_auto_length: float
-    n_images: int
-
-
-def _psnr(mse: float) -> float:
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
-
-
-def study_tokenizer(
-    paths: DemoPaths, recipe: DemoRecipe, figure_dir: Path, batch_size: int = 64
-) -> tuple[LengthStudy, ReconstructionStudy]:
-    """Encode the held-out images without a query: lengths vs complexity, quality per budget, the grid."""
-    import torch
-    from scipy.stats import spearmanr
-
-    from tokenizer import DoveTokenizer
-    from tokenizer.evaluation.visualize import save_reconstruction_grid
-    from tokenizer.modeling.image_processing import load_image
-
-    scenes = [s for s in _read_json(paths.data / "scenes.json", "data") if s["split"] == "test"]
-    if len(scenes) < 3:
-        raise ValueError(f"{paths.data}/scenes.json has {len(scenes)} test scenes; the report needs at least 3")
-    model = DoveTokenizer.from_pretrained(_need(paths.tokenizer, "tokenizer")).eval()
-    budgets = sorted({b for b in recipe.report_budgets if b <= model.max_tokens} | {model.max_tokens})
-    lengths: list[int] = []
-    squared: dict[str, float] = defaultdict(float)
-    pixels_seen = 0
-    with torch.no_grad():
-        for start in range(0, len(scenes), batch_size):
-            chunk = scenes[start : start + batch_size]
-            images = [load_image(paths.images / f"{s['image_id']}.png") for s in chunk]
-            result = model.reconstruct(images, budgets=budgets)
-            lengths += [int(n) for n in result.auto_lengths]
-            for budget, recon in result.by_budget.items():
-                squared[str(budget)] += float(((recon - result.inputs) ** 2).sum())
-            squared["auto"] += float(((result.auto - result.inputs) ** 2).sum())
-            pixels_seen += result.inputs.numel()
-    n_objects = [int(s["n_objects"]) for s in scenes]
-    laplacian = [float(s["laplacian_var"]) for s in scenes]
-    rho_objects, p_objects = _spearman(spearmanr, lengths, n_objects)
-    rho_laplacian, p_laplacian = _spearman(spearmanr, lengths, laplacian)
-    length_study = LengthStudy(lengths, n_objects, laplacian, rho_objects, rho_laplacian, p_objects, p_laplacian)
-    recon_study = ReconstructionStudy(
-        budgets=budgets,
-        psnr={key: _psnr(value / pixels_seen) for key, value in squared.items()},
-        mean_auto_length=statistics.fmean(lengths),
-        n_images=len(scenes),
-    )
-
-    examples = _examples_by_complexity(scenes, recipe.report_examples)
-    images = [load_image(paths.images / f"{s['image_id']}.png") for s in examples]
-    with torch.no_grad():
-        grid = model.reconstruct(images, budgets=[b for b in budgets if b != model.max_tokens] + [model.max_tokens])
-    save_reconstruction_grid(grid, figure_dir / FIGURES["reconstructions"], cell=96)
-    return length_study, recon_study
-
-
-def _spearman(spearmanr: Any, a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Spearman's rho and its p-value; NaN when either side is constant (no ranking to correlate)."""
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return math.nan, math.nan
-    result = spearmanr(a, b)
-    return float(result.statistic), float(result.pvalue)
-
-
-def _examples_by_complexity(scenes: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
-    """Up to `count` scenes, spread over the object counts (plain before textured), in rising complexity."""
-    by_count: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
-    for scene in scenes:
-        by_count[int(scene["n_objects"])].append(scene)
-    chosen: list[Mapping[str, Any]] = []
-    rounds = 0
-    while len(chosen) < count and rounds < len(scenes):
-        for n in sorted(by_count):
-            pool = sorted(by_count[n], key=lambda s: (s["background"] != "plain", s["image_id"]))
-            if rounds < len(pool) and len(chosen) < count:
-                chosen.append(pool[rounds])
-        rounds += 1
-    return sorted(chosen, key=lambda s: (int(s["n_objects"]), float(s["laplacian_var"])))
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalRow:
-    setting: str
-    query: str
-    budget: str
-    accuracy: float
-    n: int
-    mean_tokens: float
-    median_tokens: float
-    max_tokens: float
-    answers_per_s: float
-
-
-def read_eval_rows(eval_dir: Path) -> tuple[list[EvalRow], EvalRow | None]:
-    """The shapes task's rows of `eval-vqa`'s results.csv, and its blind-baseline row."""
-    path = _need(eval_dir / "results.csv", "eval")
-    rows, blind = [], None
-    with open(path, newline="", encoding="utf-8") as handle:
-        for raw in csv.DictReader(handle):
-            if raw["task"] != "dove_shapes_vqa":
-                continue
-            row = EvalRow(
-                setting=raw["setting"],
-                query=raw["query"],
-                budget=raw["budget"],
-                accuracy=_float(raw["accuracy"]),
-                n=int(raw["n"] or 0),
-                mean_tokens=_float(raw["mean_visual_tokens"]),
-                median_tokens=_float(raw["median_visual_tokens"]),
-                max_tokens=_float(raw["max_visual_tokens"]),
-                answers_per_s=_float(raw["answers_per_s"]),
-            )
-            if row.setting == "blind":
-                blind = row
-            else:
-                rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no dove_shapes_vqa rows")
-    return rows, blind
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def per_type_accuracy(eval_dir: Path, data_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Accuracy per question type for each evaluated setting, from lmms-eval's samples logs.
-
-    Returns ({setting: {type: accuracy}}, {type: number of questions}) with the blind baseline as the
-    setting 'blind', computed on exactly the questions the first setting evaluated.
-    """
-    import pyarrow.parquet as pq
-
-    from .shapes import QUESTION_TYPES, blind_baseline_accuracy
-
-    test = {str(r["question_id"]): r for r in _read_json(data_dir / "test" / "annotations.json", "data")}
-    train = _read_json(data_dir / "train" / "annotations.json", "data")
-    # lmms-eval's samples log names each question by its row in the task's parquet (`doc_id`)
-    parquet = _need(data_dir / "test" / "vqa.parquet", "data")
-    row_ids = [str(q) for q in pq.read_table(parquet, columns=["question_id"]).column("question_id").to_pylist()]
-    accuracy: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = {}
-    evaluated: list[str] | None = None
-    for run_dir in sorted(p for p in (_need(eval_dir / "runs", "eval")).iterdir() if p.is_dir()):
-        logs = sorted(run_dir.rglob("*samples_dove_shapes_vqa.jsonl"))
-        if not logs:
-            continue
-        outcomes: dict[str, list[float]] = defaultdict(list)
-        ids = []
-        with open(logs[-1], encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                sample = json.loads(line)
-                question_id = row_ids[int(sample["doc_id"])]
-                ids.append(question_id)
-                outcomes[test[question_id]["question_type"]].append(float(sample["exact_match"]))
-        accuracy[run_dir.name] = {t: statistics.fmean(v) for t, v in outcomes.items()}
-        if evaluated is None:
-            evaluated = ids
-    if evaluated is not None:
-        blind: dict[str, float] = {}
-        for question_type in QUESTION_TYPES:
-            subset = [test[i] for i in evaluated if test[i]["question_type"] == question_type]
-            if subset:
-                blind[question_type] = blind_baseline_accuracy(train, subset)
-                counts[question_type] = len(subset)
-        accuracy["blind"] = blind
-    return accuracy, counts
-
-
-def setting_name(query: str, budget: str) -> str:
-    """eval-vqa's run directory name for one setting."""
-    return f"query-{query}_budget-{budget}"
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -354,6 +137,38 @@ def plot_accuracy_by_type(accuracy: Mapping[str, Mapping[str, float]], path: Pat
     return path
 
 
+def plot_accuracy_vs_budget_by_type(
+    rows: Sequence[EvalRow], accuracy: Mapping[str, Mapping[str, float]], path: Path
+) -> Path:
+    """One curve per question type: accuracy against the fixed budget (query on), its blind baseline dotted and
+    its automatic-length accuracy as a star at the mean tokens it spent."""
+    plt = _pyplot()
+    budgets = sorted({int(r.budget) for r in rows if r.query == "on" and r.budget.isdigit()})
+    auto = next((r for r in rows if (r.query, r.budget) == ("on", "auto")), None)
+    types = list(accuracy.get("blind", {})) or sorted({t for v in accuracy.values() for t in v})
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, question_type in enumerate(types):
+        colour = f"C{index}"
+        values = [accuracy.get(setting_name("on", str(b)), {}).get(question_type, math.nan) for b in budgets]
+        axis.plot(budgets, values, "o-", color=colour, label=question_type)
+        if question_type in accuracy.get("blind", {}):
+            axis.axhline(accuracy["blind"][question_type], color=colour, linestyle=":", alpha=0.7)
+        if auto is not None:
+            value = accuracy.get(setting_name("on", "auto"), {}).get(question_type, math.nan)
+            axis.plot([auto.mean_tokens], [value], marker="*", markersize=13, color=colour, linestyle="none")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(budgets, [str(b) for b in budgets])
+    axis.set(xlabel="visual tokens (fixed budget; star: automatic length, all types' mean)",
+             ylabel="exact-match accuracy", ylim=(0, 1),
+             title="Accuracy per question type against the budget (dotted: blind)")  # fmt: skip
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 
@@ -371,91 +186,60 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _finetune_summary(stage_dir: Path) -> dict[str, Any] | None:
-    path = stage_dir / "finetune_log.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    losses = record.get("losses") or []
-    return {
-        "losses": losses,
-        "first": losses[0] if losses else math.nan,
-        "last": losses[-1] if losses else math.nan,
-        "trainable": (record.get("parameters") or {}).get("trainable"),
-        "total": (record.get("parameters") or {}).get("total"),
-        "template": record.get("template"),
-    }
-
-
-def _tokenizer_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@dataclass
-class AccuracyCheck:
-    accuracy: float
-    blind: float
-    n: int
-    margin: float
-    passed: bool
-    setting: str
-
-
-def accuracy_check(rows: Sequence[EvalRow], blind: EvalRow | None) -> AccuracyCheck | None:
-    """Query on, automatic length against the blind baseline on the same evaluated questions."""
-    if blind is None:
-        return None
-    headline = next((r for r in rows if (r.query, r.budget) == HEADLINE_SETTING), None)
-    if headline is None:
-        return None
-    if headline.n != blind.n:
-        raise ValueError(
-            f"the blind baseline covers {blind.n} questions but the evaluation {headline.n}: not the same split"
-        )
-    margin = headline.accuracy - blind.accuracy
-    return AccuracyCheck(headline.accuracy, blind.accuracy, headline.n, margin, margin >= REQUIRED_MARGIN,
-                         headline.setting)  # fmt: skip
-
-
 def write_report(
     paths: DemoPaths,
     recipe: DemoRecipe,
     steps: Sequence[DemoStep],
     timings: Mapping[str, Mapping[str, Any]],
+    measured: DemoMeasurements,
     started: float | None = None,
-    progress: bool = True,
 ) -> Path:
-    """Measure what needs measuring, draw the figures and write DIR/report.md; returns its path."""
-    from tqdm.auto import tqdm
-
-    from .demo import machine_description
+    """Draw the figures and write DIR/report.md from the measurements; returns its path."""
+    from tokenizer.evaluation.visualize import save_reconstruction_grid
 
     started = time.perf_counter() if started is None else started
     figures = paths.figures
     figures.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=4, desc="report", unit="part", disable=not progress)
-    length_study, recon_study = study_tokenizer(paths, recipe, figures)
-    bar.update(1)
-    plot_length_vs_complexity(length_study, figures / FIGURES["length"])
-    bar.update(1)
-    rows, blind = read_eval_rows(paths.eval)
-    plot_accuracy_vs_tokens(rows, blind, figures / FIGURES["accuracy"])
-    by_type, type_counts = per_type_accuracy(paths.eval, paths.data)
-    plot_accuracy_by_type(by_type, figures / FIGURES["by_type"])
-    bar.update(1)
-    check = accuracy_check(rows, blind)
-
+    save_reconstruction_grid(measured.grid, figures / FIGURES["reconstructions"], cell=96)
+    plot_length_vs_complexity(measured.lengths, figures / FIGURES["length"])
+    plot_accuracy_vs_tokens(measured.rows, measured.blind, figures / FIGURES["accuracy"])
+    plot_accuracy_by_type(measured.by_type, figures / FIGURES["by_type"])
+    plot_accuracy_vs_budget_by_type(measured.rows, measured.by_type, figures / FIGURES["budget_by_type"])
     all_timings = dict(timings)
     all_timings["report"] = {"seconds": time.perf_counter() - started}
-    text = render_markdown(paths, recipe, steps, all_timings, length_study, recon_study, rows, blind, by_type,
-                           type_counts, check, machine_description())  # fmt: skip
-    paths.report.write_text(text, encoding="utf-8")
-    bar.update(1)
-    bar.close()
+    paths.report.write_text(render_markdown(paths, recipe, steps, all_timings, measured), encoding="utf-8")
     return paths.report
+
+
+def render_check(check: AccuracyCheck | None) -> list[str]:
+    """The report's check paragraph: the headline accuracy, the blind baseline, the margin and its verdict."""
+    if check is None:
+        return ["No check: the evaluation has no query-on automatic-length row or no blind baseline.", ""]
+    return [
+        (
+            f"VQA accuracy on {check.n} held-out questions (scenes never seen in training), query on, automatic "
+            f"length: **{_pct(check.accuracy)}**. Blind baseline on the same questions (the majority training "
+            f"answer for each question's wording, no image): **{_pct(check.blind)}**. Margin: "
+            f"**{100 * check.margin:+.1f} points** against the {100 * REQUIRED_MARGIN:.0f} required: "
+            f"**{verdict(check)}**."
+        ),
+        "",
+    ]
+
+
+def _findings_section(measured: DemoMeasurements) -> list[str]:
+    def status(met: bool | None) -> str:
+        return "not measured" if met is None else ("yes" if met else "**no**")
+
+    return [
+        "What variable length bought in this run (aims beside the check; they do not change its verdict):",
+        "",
+        *_table(
+            ["aim", "target", "measured", "met"],
+            [[f.aim, f.target, f.measured, status(f.met)] for f in measured.findings],
+        ),
+        "",
+    ]
 
 
 def render_markdown(
@@ -463,20 +247,9 @@ def render_markdown(
     recipe: DemoRecipe,
     steps: Sequence[DemoStep],
     timings: Mapping[str, Mapping[str, Any]],
-    length_study: LengthStudy,
-    recon_study: ReconstructionStudy,
-    rows: Sequence[EvalRow],
-    blind: EvalRow | None,
-    by_type: Mapping[str, Mapping[str, float]],
-    type_counts: Mapping[str, int],
-    check: AccuracyCheck | None,
-    machine: Mapping[str, Any],
+    measured: DemoMeasurements,
 ) -> str:
-    summary = _read_json(paths.data / "scenes.json", "data")
-    n_test = sum(1 for s in summary if s["split"] == "test")
-    n_train = len(summary) - n_test
-    train_questions = len(_read_json(paths.split_file("train", "annotations.json"), "data"))
-    test_questions = len(_read_json(paths.split_file("test", "annotations.json"), "data"))
+    data, machine, check = measured.data, measured.machine, measured.check
     total = sum(float(t.get("seconds", 0.0)) for t in timings.values())
     lines = [
         f"# dove-vlm demo report ({recipe.name})",
@@ -491,35 +264,24 @@ def render_markdown(
         "## The accuracy check",
         "",
     ]
-    if check is None:
-        lines.append("No check: the evaluation has no query-on automatic-length row or no blind baseline.")
-    else:
-        verdict = "PASSED" if check.passed else "NOT REACHED"
-        lines += [
-            (
-                f"VQA accuracy on {check.n} held-out questions (scenes never seen in training), query on, automatic "
-                f"length: **{_pct(check.accuracy)}**. Blind baseline on the same questions (the majority training "
-                f"answer for each question's wording, no image): **{_pct(check.blind)}**. Margin: "
-                f"**{100 * check.margin:+.1f} points** against the {100 * REQUIRED_MARGIN:.0f} required: "
-                f"**{verdict}**."
-            ),
-        ]
+    lines += render_check(check)
+    lines += _findings_section(measured)
     lines += [
-        "",
         "## Data",
         "",
         (
-            f"`dove-vlm make-shapes`: {len(summary)} scenes of 1 to {recipe.max_objects} shapes at 64 px"
+            f"`dove-vlm make-shapes`: {data.n_scenes} scenes of 1 to {recipe.max_objects} shapes at 64 px"
             + (f", object sizes x{recipe.object_scale:g}" if recipe.object_scale != 1.0 else "")
-            + f" ({n_train} train, {n_test} held out), {recipe.questions_per_image} questions per scene "
+            + f" ({data.n_train} train, {data.n_test} held out), {recipe.questions_per_image} questions per scene "
             f"({', '.join(recipe.question_types) if recipe.question_types else 'every type'}): "
-            f"{train_questions} training and {test_questions} held-out questions."
+            f"{data.train_questions} training and {data.test_questions} held-out questions."
         ),
         "",
     ]
-    lines += _tokenizer_section(paths, recipe, recon_study, length_study, rows)
-    lines += _vlm_section(paths, recipe)
-    lines += _eval_section(rows, blind, by_type, type_counts)
+    lines += _tokenizer_section(paths, recipe, measured)
+    lines += _vlm_section(recipe, measured.stages)
+    lines += _eval_section(measured.rows, measured.blind, measured.by_type, measured.type_tokens,
+                           measured.type_counts)  # fmt: skip
     lines += [
         "## Time per step",
         "",
@@ -532,7 +294,10 @@ def render_markdown(
         (
             f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} cores, torch {machine.get('torch')} "
             f"with {machine.get('torch_threads')} threads, Python {machine.get('python')}, "
-            f"{'CUDA available' if machine.get('cuda') else 'no GPU used'}."
+            f"{'CUDA available' if machine.get('cuda') else 'no GPU used'}, BLAS {machine.get('blas', 'unknown')}. "
+            "The same seed on this machine gives the same accuracy tables; another machine can differ through "
+            "its thread count and BLAS (the order of floating-point sums), which move training by small amounts "
+            "that the count questions can amplify. Answers/s depend on the machine's load."
         ),
         "",
         "## Re-running one step",
@@ -548,17 +313,9 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _tokenizer_section(
-    paths: DemoPaths,
-    recipe: DemoRecipe,
-    recon: ReconstructionStudy,
-    lengths: LengthStudy,
-    rows: Sequence[EvalRow],
-) -> list[str]:
-    from tokenizer import DoveConfig
-
-    config = DoveConfig.load(paths.tokenizer)
-    metrics = _tokenizer_metrics(paths.tokenizer_run)
+def _tokenizer_section(paths: DemoPaths, recipe: DemoRecipe, measured: DemoMeasurements) -> list[str]:
+    config, recon, lengths, rows = measured.tokenizer, measured.reconstruction, measured.lengths, measured.rows
+    metrics = config.metrics
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
     train = recipe.tokenizer_train
     lines = [
@@ -581,7 +338,10 @@ def _tokenizer_section(
             "EOS head chose (last column)."
         ),
         "",
-        f"Reconstruction quality on the {recon.n_images} held-out images (PSNR, dB; higher is better):",
+        (
+            f"Reconstruction quality on the {recon.n_images} held-out images: mean per-image PSNR (dB, higher is "
+            "better; the number `dove-vlm eval-recon` reports):"
+        ),
         "",
         *_table(
             [*(f"{b} tokens" for b in recon.budgets), f"automatic (mean {recon.mean_auto_length:.1f} tokens)"],
@@ -619,8 +379,7 @@ def _tokenizer_section(
     return lines
 
 
-def _vlm_section(paths: DemoPaths, recipe: DemoRecipe) -> list[str]:
-    stage1, stage2 = _finetune_summary(paths.stage1), _finetune_summary(paths.stage2)
+def _vlm_section(recipe: DemoRecipe, stages: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
     stage2_kind = "LoRA adapters on the LLM" if recipe.stage2_lora else "the whole LLM"
     lines = [
         "## The VLM",
@@ -638,7 +397,7 @@ def _vlm_section(paths: DemoPaths, recipe: DemoRecipe) -> list[str]:
         "",
     ]
     table = []
-    for name, record in (("stage 1", stage1), ("stage 2", stage2)):
+    for name, record in stages.items():
         if record is None:
             continue
         trainable = record["trainable"]
@@ -656,6 +415,7 @@ def _eval_section(
     rows: Sequence[EvalRow],
     blind: EvalRow | None,
     by_type: Mapping[str, Mapping[str, float]],
+    type_tokens: Mapping[str, Mapping[str, float]],
     type_counts: Mapping[str, int],
 ) -> list[str]:
     lines = [
@@ -697,5 +457,49 @@ def _eval_section(
             "",
             f"![accuracy by type](figures/{FIGURES['by_type']})",
             "",
+            *_budget_by_type_table(rows, by_type, type_tokens, type_counts),
         ]
     return lines
+
+
+def _budget_by_type_table(
+    rows: Sequence[EvalRow],
+    by_type: Mapping[str, Mapping[str, float]],
+    type_tokens: Mapping[str, Mapping[str, float]],
+    type_counts: Mapping[str, int],
+) -> list[str]:
+    """Per question type: accuracy at each fixed budget (query on), at the automatic length with the query on and
+    off (with the mean tokens it spent), the blind baseline, and whether the type needs more than one token."""
+    budgets = sorted({int(r.budget) for r in rows if r.query == "on" and r.budget.isdigit()})
+    full = full_budget_of(rows)
+    gains = type_gains(by_type, rows)
+    types = list(by_type.get("blind", {})) or sorted({t for v in by_type.values() for t in v})
+
+    def auto(query: str, question_type: str) -> str:
+        key = setting_name(query, "auto")
+        accuracy = by_type.get(key, {}).get(question_type, math.nan)
+        return f"{_pct(accuracy)} ({_num(type_tokens.get(key, {}).get(question_type, math.nan), 2)})"
+
+    def needs(question_type: str) -> str:
+        if question_type not in gains:
+            return "-"
+        return "yes" if gains[question_type] >= NEEDS_TOKENS_GAIN else "no"
+
+    table = [
+        [f"{t} ({type_counts.get(t, '-')})",
+         *(_pct(by_type.get(setting_name("on", str(b)), {}).get(t, math.nan)) for b in budgets),
+         auto("on", t), auto("off", t), _pct(by_type.get("blind", {}).get(t, math.nan)),
+         "-" if t not in gains else f"{100 * gains[t]:+.1f}", needs(t)]
+        for t in types
+    ]  # fmt: skip
+    header = ["question type (questions)", *(f"{b} token{'s' if b > 1 else ''}" for b in budgets),
+              "auto, query on (tokens)", "auto, query off (tokens)", "blind",
+              f"1 -> {full} tokens (points)", f"needs tokens (>= +{100 * NEEDS_TOKENS_GAIN:.0f})"]  # fmt: skip
+    return [
+        "Accuracy per question type against the budget (fixed budgets with the query on):",
+        "",
+        *_table(header, table),
+        "",
+        f"![accuracy vs budget per type](figures/{FIGURES['budget_by_type']})",
+        "",
+    ]

@@ -109,6 +109,7 @@ class FinetuneArguments:
     visual_length_cache: str | None = None
     visual_length_batch_size: int = 32
     dataloader_num_workers: int = 0
+    cache_dataset: bool = False  # keep tokenised conversations and pixels in memory after their first use
     save_steps: int | None = None
     save_total_limit: int | None = 1
     logging_steps: int = 1
@@ -503,6 +504,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         template=template,
         use_query=model.config.use_query,
         allow_outside_root=args.allow_outside_root,
+        cache_items=args.cache_dataset,
     )
     dataset.drop_unreadable_images(strict=args.strict, num_workers=args.dataloader_num_workers)
     training_args = build_training_arguments(args)

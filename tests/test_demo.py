@@ -15,7 +15,8 @@ import pytest
 
 from dove_vlm.cli import main as cli_main
 from dove_vlm.demo import FAST, FULL, STEP_NAMES, DemoPaths, build_steps, parse_steps, write_tokenizer_config
-from dove_vlm.report import FIGURES, REQUIRED_MARGIN, EvalRow, accuracy_check
+from dove_vlm.demo_measure import REQUIRED_MARGIN, EvalRow, accuracy_check, variable_length_findings
+from dove_vlm.report import FIGURES, render_check
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,27 @@ def test_re_running_steps_refuses_a_directory_made_with_the_other_recipe(tmp_pat
         run_demo(tmp_path, fast=True, steps=["report"], progress=False)
 
 
+def _imported_modules(module: str) -> set[str]:
+    """The dove_vlm modules a dove_vlm module imports (at any depth of its code, lazily or not)."""
+    import ast
+
+    tree = ast.parse((REPO / "dove_vlm" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module or "")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dove_vlm."):
+            found.add(node.module.split(".", 1)[1])
+    return found
+
+
+def test_the_demo_modules_import_one_way_recipe_then_measurements_then_report_then_runner():
+    assert _imported_modules("demo_recipe") == set()
+    assert _imported_modules("demo_measure") <= {"demo_recipe", "shapes"}
+    assert _imported_modules("report") <= {"demo_recipe", "demo_measure"}
+    assert "report" in _imported_modules("demo")
+
+
 # ---------------------------------------------------------------------------------------------- the check
 
 
@@ -107,6 +129,33 @@ def test_the_accuracy_check_uses_query_on_automatic_length_against_the_blind_row
 def test_the_accuracy_check_refuses_a_blind_baseline_from_other_questions():
     with pytest.raises(ValueError, match="not the same split"):
         accuracy_check([_row("on", "auto", 0.8, 100)], _row("", "", 0.4, 90))
+
+
+def test_the_report_says_not_reached_for_results_below_the_line_and_passed_above_it():
+    blind = _row("", "", 0.40, 100)
+    below = "\n".join(render_check(accuracy_check([_row("on", "auto", 0.40 + REQUIRED_MARGIN - 0.001, 100)], blind)))
+    assert "**NOT REACHED**" in below and "PASSED" not in below
+    assert "+29.9 points" in below
+    above = "\n".join(render_check(accuracy_check([_row("on", "auto", 0.40 + REQUIRED_MARGIN + 0.001, 100)], blind)))
+    assert "**PASSED**" in above and "NOT REACHED" not in above
+
+
+def _tokens_row(query: str, budget: str, accuracy: float, tokens: float) -> EvalRow:
+    return EvalRow(f"query-{query}_budget-{budget}", query, budget, accuracy, 100, tokens, tokens, tokens, 10.0)
+
+
+def test_what_variable_length_bought_is_judged_from_the_numbers_alone():
+    rows = [_tokens_row("on", "1", 0.60, 1), _tokens_row("on", "8", 0.80, 8), _tokens_row("on", "auto", 0.79, 3),
+            _tokens_row("off", "auto", 0.80, 5)]  # fmt: skip
+    by_type = {"query-on_budget-1": {"colour": 0.9, "count": 0.3}, "query-on_budget-8": {"colour": 0.9, "count": 0.7}}
+    check = accuracy_check(rows, _row("", "", 0.40, 100))
+    met = [f.met for f in variable_length_findings(rows, by_type, 0.6, check)]
+    assert met == [True, True, True, True, True]  # +40 on count; 37.5% of the tokens; rho 0.6; 40% fewer; +39
+    flat = {"query-on_budget-1": {"colour": 0.9, "count": 0.7}, "query-on_budget-8": {"colour": 0.9, "count": 0.8}}
+    costly = [*rows[:2], _tokens_row("on", "auto", 0.70, 6), _tokens_row("off", "auto", 0.80, 7)]
+    findings = variable_length_findings(costly, flat, float("nan"), accuracy_check(costly, _row("", "", 0.40, 100)))
+    assert [f.met for f in findings] == [False, False, None, False, False]
+    assert "count +10.0" in findings[0].measured
 
 
 # ---------------------------------------------------------------------------------------------- make-tiny-llm
@@ -177,12 +226,42 @@ def _held_out_length_spearman(out: Path) -> str:
     return f"{spearmanr(lengths, counts).statistic:.2f}"
 
 
-@pytest.mark.slow
-def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(tmp_path):
-    out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "dove_vlm.cli", "demo", "--fast", "--out", str(out)],
+def _run_fast_demo(out: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "dove_vlm.cli", "demo", "--fast", "--no-progress", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1500, check=False)  # fmt: skip
     assert done.returncode == 0, f"demo failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
+    return (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fast-demo") / "demo"
+    _run_fast_demo(out)
+    return out
+
+
+def _accuracy_tables(report: str) -> list[list[list[str]]]:
+    """The report's accuracy tables, without the answers/s column (a timing, not a result)."""
+    evaluation = _table_after(report, "## Evaluation")
+    speed = evaluation[0].index("answers/s")
+    return [
+        [row[:speed] + row[speed + 1 :] for row in evaluation],
+        _table_after(report, "Accuracy per question type:"),
+        _table_after(report, "Accuracy per question type against the budget"),
+    ]
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_accuracy_tables(fast_demo, tmp_path):
+    first = (fast_demo / "report.md").read_text()
+    second = _run_fast_demo(tmp_path / "again")
+    assert _accuracy_tables(second) == _accuracy_tables(first)
+    assert all(len(table) > 1 for table in _accuracy_tables(first))
+
+
+@pytest.mark.slow
+def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(fast_demo):
+    out = fast_demo
     report = (out / "report.md").read_text()
 
     for name in FIGURES.values():
@@ -190,6 +269,7 @@ def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(tmp_path
         assert f"(figures/{name})" in report
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for heading in ("Reconstruction quality", "mean automatic length", "## Evaluation", "Accuracy per question type",
+                    "Accuracy per question type against the budget", "What variable length bought",
                     "## Time per step"):  # fmt: skip
         assert heading in report, heading
     [reported] = re.findall(r"Spearman rho = (-?\d\.\d\d|n/a) with the object count", report)

@@ -69,6 +69,25 @@ def test_items_hold_ids_labels_pixels_and_the_question_as_query(workspace, token
         assert "single word" not in item["query"]
 
 
+def test_a_cached_dataset_serves_the_same_items_without_reading_the_files_again(
+    workspace, tokenizer, processor, tmp_path
+):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(workspace.images, images)
+    cached = LlavaConversationDataset(workspace.train_json, tokenizer, processor, images, cache_items=True)
+    plain = LlavaConversationDataset(workspace.train_json, tokenizer, processor, images)
+    first = cached[0]
+    for path in images.iterdir():
+        path.unlink()
+    again = cached[0]
+    assert torch.equal(again["input_ids"], first["input_ids"]) and torch.equal(again["labels"], first["labels"])
+    assert torch.equal(again["pixel_values"], first["pixel_values"]) and again["query"] == first["query"]
+    with pytest.raises(LlavaDataError, match=first["id"]):
+        plain[0]
+
+
 def test_plain_template_keeps_only_image_and_answer(workspace, tokenizer, processor):
     dataset = LlavaConversationDataset(workspace.train_json, tokenizer, processor, workspace.images, template="plain")
     item = dataset[0]

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             model.configure(query=use_query, budget=budget)
             setting = f"query-{'on' if use_query else 'off'}_budget-{budget}"
             print(f"eval-vqa: {setting}", flush=True)
+            _warm_up(model, args, tasks, task_manager)
             results = _evaluate(model, args, tasks, task_manager, output / "runs" / setting)
             for task, summary in _summarise(results).items():
                 rows.append({"setting": setting, "task": task, "query": "on" if use_query else "off",
@@ -126,6 +127,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- running
+
+
+def _warm_up(model: Any, args: argparse.Namespace, tasks: list[str], task_manager: Any) -> None:
+    """Answer one batch of the current setting and discard it, so that every setting's answers/s is timed after
+    the same warm-up: the first passes through a model (and through a new token budget) pay one-off costs
+    that would otherwise land on whichever setting runs first."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    settings = model.settings
+    simple_evaluate(
+        model=model,
+        model_args=f"pretrained={args.model},query={str(settings['query']).lower()},budget={settings['budget']}",
+        tasks=tasks,
+        limit=min(args.batch_size, args.limit or args.batch_size),
+        log_samples=False,
+        task_manager=task_manager,
+        verbosity="WARNING",
+    )
 
 
 def _evaluate(model: Any, args: argparse.Namespace, tasks: list[str], task_manager: Any, out_dir: Path) -> dict:

@@ -61,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--visual-length-cache", help="cache dir (default: $DOVE_VLM_CACHE or ~/.cache/dove-vlm)")
     data.add_argument("--num-workers", type=int, default=0, dest="dataloader_num_workers")
     data.add_argument(
+        "--cache-dataset",
+        action="store_true",
+        help="keep each sample's tokenised conversation and pixels in memory after the first epoch "
+        "(small images only: 3*S*S*4 bytes a sample)",
+    )
+    data.add_argument(
         "--allow-paths-outside-root",
         dest="allow_outside_root",
         action="store_true",
