@@ -50,8 +50,9 @@ DEFAULT_CANDIDATES = 4
 
 
 def length_distribution(eos_logits: torch.Tensor, min_tokens: int) -> torch.Tensor:
-    """EOS logits [B, N] -> p(L = l) [B, N] (column l - 1 for length l), computed in log space, in float32."""
-    logits = eos_logits.float()
+    """EOS logits [B, N] -> p(L = l) [B, N] (column l - 1 for length l), computed in log space, in float32
+    or wider."""
+    logits = eos_logits.to(_at_least_float32(eos_logits.dtype))
     max_tokens = logits.shape[-1]
     if not 1 <= min_tokens <= max_tokens:
         raise ValueError(f"min_tokens must lie in [1, {max_tokens}], got {min_tokens}")
@@ -114,10 +115,17 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     them) [B], and whether the row has any supervised position [B]."""
     targets = labels[:, 1:]
     nll = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits[:, :-1].to(_at_least_float32(logits.dtype)).flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view_as(targets)
     counted = (targets != IGNORE_INDEX).sum(dim=1)
     return nll.sum(dim=1) / counted.clamp(min=1), counted > 0
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
