@@ -91,6 +91,7 @@ class DoveLlavaConfig(PretrainedConfig):
     use_query: bool = True
     eos_threshold: float | None = None
     token_budget: int | None = None
+    token_price: float | None = None  # the length objective's price the EOS head was tuned at (None: not tuned)
     projector_type: str = "mlp2x_gelu"
     mm_hidden_size: int | None = None
     hidden_size: int | None = None

@@ -3,7 +3,8 @@
 Stage 1 (alignment): everything frozen but the projector; the `plain` template (the image, then the
 answer). Stage 2 (instruction tuning): LoRA adapters on the LLM's linear layers, or the whole LLM,
 plus the projector at its own learning rate; the LLM's chat template (or `vicuna_v1`). The tower's own
-trainable part (`tower_trainable`) joins stage 2.
+trainable part (`tower_trainable`) joins stage 2. The EOS head learns only through a length objective
+(`token_price`, see `length_objective`): lengths are a hard cut, so the LM loss alone never reaches it.
 
 DeepSpeed: pass a ZeRO config by name (`zero2`, `zero3`, `zero3_offload`: shipped in
 `llava_adapter/deepspeed_configs`) or as a path to a JSON file; the Trainer fills its "auto" fields.
@@ -53,6 +54,7 @@ from .conversation import add_image_token
 from .data import LlavaCollator, LlavaConversationDataset, pad_token_id
 from .deepspeed_configs import resolve_deepspeed_config
 from .inference import load_llm_tokenizer
+from .length_objective import DEFAULT_CANDIDATES, AnswerLengthObjective
 from .lora import apply_lora, is_lora_wrapped, merge_lora
 from .modeling import DoveLlavaForCausalLM
 from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded_lengths
@@ -87,6 +89,8 @@ class FinetuneArguments:
     tower_trainable: str | None = None  # None: the saved model's part with `model`, else "none"
     threshold: float | None = None
     budget: int | None = None
+    token_price: float | None = None  # None: the saved model's price with `model`, else no length objective
+    length_candidates: int = DEFAULT_CANDIDATES
     model_max_length: int | None = None
     lora: bool = False
     lora_r: int = 128
@@ -133,6 +137,17 @@ class FinetuneArguments:
             raise ValueError("--model already holds the LLM and the tower; do not combine it with --llm/--tower")
         if self.model is not None and self.pretrained_projector is not None:
             raise ValueError("--pretrained-projector applies when building from --llm/--tower, not with --model")
+        if self.token_price is not None:
+            if not math.isfinite(self.token_price) or self.token_price < 0:
+                raise ValueError(f"--token-price must be a finite number >= 0, got {self.token_price}")
+            if self.stage == 1:
+                raise ValueError("--token-price tunes the tower's EOS head, which trains in stage 2, not stage 1")
+            if self.tower_trainable == "none":
+                raise ValueError("--token-price needs a trainable EOS head: --tower-trainable eos_head (or generator)")
+            if self.budget is not None:
+                raise ValueError("--budget forces every length, leaving --token-price nothing to choose; pass one")
+        if self.length_candidates < 2:
+            raise ValueError(f"length_candidates must be at least 2, got {self.length_candidates}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -179,6 +194,8 @@ def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTraine
         if args.tower_trainable is not None:
             model.vision_tower.set_trainable(args.tower_trainable)
             model.config.tower_trainable = args.tower_trainable
+        if args.token_price is not None:
+            model.config.token_price = args.token_price
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_dir(args.tokenizer or args.llm))
     add_image_token(tokenizer)
@@ -196,7 +213,31 @@ def load_model(args: FinetuneArguments) -> tuple[DoveLlavaForCausalLM, PreTraine
         pretrained_projector=args.pretrained_projector,
         dtype=dtype,
     )
+    model.config.token_price = args.token_price
     return model, tokenizer
+
+
+def length_objective(model: DoveLlavaForCausalLM, args: FinetuneArguments) -> AnswerLengthObjective | None:
+    """The stage's length objective, or None; refuses an EOS head that would train without one.
+
+    The price is the run's `token_price`, else the one the model was saved with (continuing a tuned model)."""
+    if args.stage == 1:
+        return None
+    price = model.config.token_price
+    trainable = model.vision_tower.trainable
+    if trainable == "eos_head" and price is None:
+        raise ValueError(
+            "--tower-trainable eos_head trains nothing by itself: lengths are a hard cut of the tokens, so the "
+            "answer loss never reaches the EOS head. Give it a length objective with --token-price BETA (the "
+            "answer loss one visual token must save to be kept; 0 prices tokens at nothing)"
+        )
+    if args.token_price is not None and trainable == "none":
+        raise ValueError("--token-price needs a trainable EOS head: --tower-trainable eos_head (or generator)")
+    if price is None or trainable == "none":  # a frozen head keeps the price it was tuned at, as a record
+        return None
+    if model.vision_tower.budget is not None:
+        raise ValueError(f"the tower forces {model.vision_tower.budget} tokens per image: no length left to learn")
+    return AnswerLengthObjective(price, candidates=args.length_candidates)
 
 
 def configure_trainable(model: DoveLlavaForCausalLM, args: FinetuneArguments) -> DoveLlavaForCausalLM:
@@ -269,8 +310,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 class DoveLlavaTrainer(Trainer):
-    """The HF Trainer with three changes: the visual-length-grouped sampler, the projector's own
-    learning rate, and saving through `DoveLlavaForCausalLM.save_pretrained` (tower, projector, adapter)."""
+    """The HF Trainer with four changes: the visual-length-grouped sampler, the projector's own
+    learning rate, saving through `DoveLlavaForCausalLM.save_pretrained` (tower, projector, adapter), and,
+    with a `length_objective`, that objective as the loss (its lengths logged as `expected_visual_tokens`
+    and `visual_tokens`, the threshold's choice)."""
 
     def __init__(
         self,
@@ -278,12 +321,38 @@ class DoveLlavaTrainer(Trainer):
         sample_lengths: Sequence[int] | None = None,
         projector_lr: float | None = None,
         save_llm: bool = True,
+        length_objective: AnswerLengthObjective | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.sample_lengths = list(sample_lengths) if sample_lengths is not None else None
         self.projector_lr = projector_lr
         self.save_llm = save_llm
+        self.length_objective = length_objective
+        self._length_logs: list[tuple[float, float]] = []
+        if length_objective is not None:
+            self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if self.length_objective is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = self.length_objective(model, self.accelerator.unwrap_model(model), inputs)
+        if math.isfinite(result.expected_length):
+            self._length_logs.append((result.expected_length, result.threshold_length))
+        return (result.loss, result) if return_outputs else result.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._length_logs and "loss" in logs:
+            logs["expected_visual_tokens"] = sum(e for e, _ in self._length_logs) / len(self._length_logs)
+            logs["visual_tokens"] = sum(t for _, t in self._length_logs) / len(self._length_logs)
+            self._length_logs = []
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         if self.sample_lengths is None:
@@ -494,6 +563,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
     claim_output_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args)
+    objective = length_objective(model, args)
     configure_trainable(model, args)
     template = args.template or STAGE_TEMPLATES[args.stage] or model.config.conversation_template or "auto"
     dataset = LlavaConversationDataset(
@@ -543,6 +613,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
         sample_lengths=lengths,
         projector_lr=args.projector_lr if args.stage == 2 else None,
         save_llm=save_llm,
+        length_objective=objective,
         callbacks=[ChecksumCallback(), *callbacks],
     )
     try:

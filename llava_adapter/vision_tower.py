@@ -10,20 +10,23 @@ frozen by default; `trainable="eos_head"` or `"generator"` unfreezes that part. 
 to the tokenizer from construction on, so saving and reloading always carries them. Lengths are a hard
 cut, so the LLM's loss reaches the generator through the kept tokens but never the EOS head: an
 `eos_head` run needs a length objective of its own, built from `last_eos_logits` (the latest call's
-EOS logits, [B, N], with their graph).
+EOS logits, [B, N], with their graph): see `llava_adapter.length_objective`, which asks for the answer
+at several lengths through `sharing_one_pass`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from tokenizer import DoveConfig, DoveImageProcessor, DoveTokenizer
-from tokenizer.modeling.dove_tokenizer import BudgetInput, config_from_name
+from tokenizer.modeling.dove_tokenizer import BudgetInput, DoveEncoding, config_from_name
+from tokenizer.modeling.length import mask_from_lengths
 
 TRAINABLE_PARTS = ("none", "eos_head", "generator")
 
@@ -52,6 +55,8 @@ class DoveVisionTower(nn.Module):
         self.is_loaded = False
         self.last_lengths: torch.Tensor | None = None
         self.last_eos_logits: torch.Tensor | None = None
+        self._sharing = False
+        self._shared: tuple[torch.Tensor, DoveEncoding] | None = None
         if isinstance(tower_path_or_preset, DoveTokenizer):
             self.vision_tower_name = tower_path_or_preset.config.preset or "in-memory"
             self.cfg_only = tower_path_or_preset.config
@@ -161,6 +166,24 @@ class DoveVisionTower(nn.Module):
         if not self.is_loaded:
             raise RuntimeError(f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first")
         self._check_preprocessed(images)
+        queries = list(queries) if (self.use_query and queries is not None) else None
+        budget = self.budget if budget is None else budget
+        threshold = self.threshold if threshold is None else threshold
+        if self._sharing:
+            encoding = self._shared_encoding(images, queries, budget, threshold)
+        else:
+            encoding = self._encode(images, queries, budget, threshold)
+        self.last_lengths = encoding.lengths.detach().cpu()
+        self.last_eos_logits = encoding.eos_logits
+        return encoding.features()
+
+    def _encode(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        queries: list[str | None] | None,
+        budget: BudgetInput,
+        threshold: float | None,
+    ) -> DoveEncoding:
         # A frozen tower computes in its own dtype even inside a training step's autocast, so the lengths
         # it picks while training are the lengths inference (and the visual-length cache) sees.
         frozen = not self.has_trainable_parameters
@@ -169,15 +192,51 @@ class DoveVisionTower(nn.Module):
             torch.set_grad_enabled(torch.is_grad_enabled() and not frozen),
             torch.autocast(device_type=device_type, enabled=not frozen and torch.is_autocast_enabled(device_type)),
         ):
-            encoding = self.tokenizer.encode(
-                images,
-                queries=list(queries) if (self.use_query and queries is not None) else None,
-                budget=self.budget if budget is None else budget,
-                threshold=self.threshold if threshold is None else threshold,
+            return self.tokenizer.encode(images, queries=queries, budget=budget, threshold=threshold)
+
+    @contextlib.contextmanager
+    def sharing_one_pass(self) -> Iterator[None]:
+        """Within this block every call cuts its tokens from ONE generator pass over the first call's images.
+
+        The generator is causal, so every length is a prefix of the same N tokens: asking the LLM about the
+        same images at several lengths (a length objective's candidate lengths) needs the tower once. The
+        first call encodes all N positions; every call, the first included, keeps the prefix its own `budget`
+        (or the EOS threshold) chooses, and `last_eos_logits` stays that one pass's (one graph to the head).
+        A call with other images inside the block is refused rather than answered with the wrong tokens.
+        """
+        if self._sharing:
+            raise RuntimeError("sharing_one_pass blocks do not nest")
+        self._sharing, self._shared = True, None
+        try:
+            yield
+        finally:
+            self._sharing, self._shared = False, None
+
+    def _shared_encoding(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        queries: list[str | None] | None,
+        budget: BudgetInput,
+        threshold: float | None,
+    ) -> DoveEncoding:
+        pixels = self.tokenizer.pixels(images)
+        if self._shared is None:
+            self._shared = (pixels, self._encode(pixels, queries, self.num_patches, None))
+        elif self._shared[0].shape != pixels.shape or not torch.equal(self._shared[0], pixels):
+            raise ValueError(
+                "sharing_one_pass: a call with other images than the block's first call "
+                f"({tuple(pixels.shape)} vs {tuple(self._shared[0].shape)}); every call in the block must encode "
+                "the same images"
             )
-        self.last_lengths = encoding.lengths.detach().cpu()
-        self.last_eos_logits = encoding.eos_logits
-        return encoding.features()
+        full = self._shared[1]
+        lengths = self.tokenizer.choose_lengths(full.eos_probs, threshold, budget)
+        return DoveEncoding(
+            tokens=full.tokens,
+            lengths=lengths,
+            attention_mask=mask_from_lengths(lengths, self.num_patches),
+            eos_probs=full.eos_probs,
+            eos_logits=full.eos_logits,
+        )
 
     def _check_preprocessed(self, images: torch.Tensor | Sequence[torch.Tensor]) -> None:
         if isinstance(images, torch.Tensor):

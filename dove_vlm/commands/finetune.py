@@ -45,6 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("none", "eos_head", "generator"),
         help="tower part trained in stage 2 (default: none, or what --model was saved with)",
     )
+    start.add_argument(
+        "--token-price",
+        type=float,
+        help="stage 2 with --tower-trainable eos_head: tune the EOS head by the answer loss plus this price per "
+        "visual token (the answer loss, in nats per answer token, one token must save to be kept); saved with "
+        "the model (default: the price --model was tuned at)",
+    )
+    start.add_argument(
+        "--length-candidates",
+        type=int,
+        default=4,
+        help="with --token-price: lengths the answer loss is computed at each step (LLM passes per step)",
+    )
     start.add_argument("--threshold", type=float, help="tower EOS threshold (default: the tower's)")
     start.add_argument("--budget", type=int, help="force every image to this many visual tokens")
     start.add_argument("--model-max-length", type=int, help="tokens the LLM sees, visual tokens included")

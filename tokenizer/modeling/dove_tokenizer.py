@@ -342,16 +342,23 @@ class DoveTokenizer(nn.Module):
         query = self.tokenize_queries(queries, batch)
         tokens, eos_logits, _ = self(pixels, *(query or (None, None)))
         eos_probs = torch.sigmoid(eos_logits.float())
-        if forced is not None:
-            lengths = forced.to(pixels.device)
-        else:
-            lengths = lengths_from_eos(
-                eos_probs, self.config.eos_threshold if threshold is None else threshold, self.config.min_tokens
-            )
+        lengths = forced.to(pixels.device) if forced is not None else self.choose_lengths(eos_probs, threshold)
         attention_mask = mask_from_lengths(lengths, self.max_tokens)
         tokens = tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
         return DoveEncoding(
             tokens=tokens, lengths=lengths, attention_mask=attention_mask, eos_probs=eos_probs, eos_logits=eos_logits
+        )
+
+    def choose_lengths(
+        self, eos_probs: torch.Tensor, threshold: float | None = None, budget: BudgetInput = None
+    ) -> torch.Tensor:
+        """Each image's length from its EOS probabilities [B, N] (`threshold`, default the config's), unless
+        `budget` forces it: the rule `encode` applies, for callers that already hold all N tokens."""
+        forced = resolve_budget(budget, eos_probs.shape[0], self.max_tokens)
+        if forced is not None:
+            return forced.to(eos_probs.device)
+        return lengths_from_eos(
+            eos_probs, self.config.eos_threshold if threshold is None else threshold, self.config.min_tokens
         )
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
