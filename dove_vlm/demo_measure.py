@@ -144,7 +144,7 @@ def study_tokenizer(
         n_images=len(scenes),
     )
 
-    examples = _examples_by_complexity(scenes, recipe.report_examples)
+    examples = examples_by_complexity(scenes, recipe.report_examples)
     images = [load_image(paths.images / f"{s['image_id']}.png") for s in examples]
     with torch.no_grad():
         grid = model.reconstruct(images, budgets=[b for b in budgets if b != model.max_tokens] + [model.max_tokens])
@@ -159,7 +159,7 @@ def spearman(spearmanr: Any, a: Sequence[float], b: Sequence[float]) -> tuple[fl
     return float(result.statistic), float(result.pvalue)
 
 
-def _examples_by_complexity(scenes: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
+def examples_by_complexity(scenes: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
     """Up to `count` scenes, spread over the object counts (plain before textured), in rising complexity."""
     by_count: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for scene in scenes:

@@ -51,8 +51,8 @@ def prepare(workdir: Path, n_images: int, llm_hidden: int, llm_layers: int, seed
     """Shapes data, a tower and an LLM, built once per settings and reused by later runs."""
     from dove_vlm.shapes import make_shapes
     from llava_adapter.tiny_llm import build_tiny_llm, train_tiny_tokenizer
-    from tokenizer.evaluation.stand_ins import calibrate_eos_head
     from tokenizer import DoveTokenizer
+    from tokenizer.evaluation.stand_ins import calibrate_eos_head
 
     shapes = workdir / f"shapes-{n_images}"
     if not (shapes / "train" / "llava.json").is_file():

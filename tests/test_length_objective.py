@@ -110,7 +110,7 @@ def test_sharing_one_pass_cuts_every_budget_from_one_encoding(tiny_tokenizer):
     tower = DoveVisionTower(tiny_tokenizer, trainable="eos_head")
     images = torch.rand(2, 3, 64, 64)
     calls = []
-    hook = tower.tokenizer.generator.register_forward_hook(lambda *_: calls.append(1))
+    tower.tokenizer.generator.register_forward_hook(lambda *_: calls.append(1))
     with tower.sharing_one_pass():
         shared = {budget: tower(images, budget=budget) for budget in (1, 5, 32)}
         logits = tower.last_eos_logits

@@ -35,8 +35,8 @@ def demo_examples(model_dir: str | os.PathLike, count: int = HELD_OUT_EXAMPLES) 
     The scenes are chosen as the demo's report chooses its examples (spread over the object counts), so
     the page shows the same kind of range of scene complexity.
     """
-    from ..demo import DemoPaths
-    from ..report import _examples_by_complexity
+    from ..demo_measure import examples_by_complexity
+    from ..demo_recipe import DemoPaths
 
     model_dir = Path(model_dir)
     paths = DemoPaths(model_dir.parent)
@@ -50,7 +50,7 @@ def demo_examples(model_dir: str | os.PathLike, count: int = HELD_OUT_EXAMPLES) 
     for record in json.loads(questions_file.read_text()):
         first_question.setdefault(str(record["image_id"]), str(record["question"]))
     examples = []
-    for scene in _examples_by_complexity(scenes, count):
+    for scene in examples_by_complexity(scenes, count):
         image_id = str(scene["image_id"])
         image = paths.images / f"{image_id}.png"
         if image.is_file() and image_id in first_question:
