@@ -22,6 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizer.evaluation.loss_curve import LOSS_CURVE_FILE
+from tokenizer.training.loop import LOGS_DIR
+
 from .demo_measure import (
     NEEDS_TOKENS_GAIN,
     REQUIRED_MARGIN,
@@ -279,7 +282,7 @@ def render_markdown(
         "",
     ]
     lines += _tokenizer_section(paths, recipe, measured)
-    lines += _vlm_section(recipe, measured.stages)
+    lines += _vlm_section(paths, recipe, measured.stages)
     lines += _eval_section(measured.rows, measured.blind, measured.by_type, measured.type_tokens,
                            measured.type_counts)  # fmt: skip
     lines += [
@@ -331,6 +334,7 @@ def _tokenizer_section(paths: DemoPaths, recipe: DemoRecipe, measured: DemoMeasu
             f"{_num(last.get('loss/reconstruction', math.nan), 4)} at step {last.get('step', '-')}."
         ),
         "",
+        *_loss_curves(paths, {"tokenizer": paths.tokenizer_run / LOGS_DIR / LOSS_CURVE_FILE}),
         f"![reconstructions](figures/{FIGURES['reconstructions']})",
         "",
         (
@@ -379,7 +383,7 @@ def _tokenizer_section(paths: DemoPaths, recipe: DemoRecipe, measured: DemoMeasu
     return lines
 
 
-def _vlm_section(recipe: DemoRecipe, stages: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+def _vlm_section(paths: DemoPaths, recipe: DemoRecipe, stages: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
     stage2_kind = "LoRA adapters on the LLM" if recipe.stage2_lora else "the whole LLM"
     lines = [
         "## The VLM",
@@ -408,7 +412,22 @@ def _vlm_section(recipe: DemoRecipe, stages: Mapping[str, Mapping[str, Any] | No
     if table:
         lines += [*_table(["stage", "trainable parameters", "all parameters", "first logged loss",
                            "last logged loss", "logged losses"], table), ""]  # fmt: skip
+    lines += _loss_curves(paths, {"stage 1": paths.stage1 / LOSS_CURVE_FILE, "stage 2": paths.stage2 / LOSS_CURVE_FILE})
     return lines
+
+
+def _loss_curves(paths: DemoPaths, curves: Mapping[str, Path]) -> list[str]:
+    """Links to the loss curves the training commands drew beside their outputs (those that exist)."""
+    shown = [(name, path) for name, path in curves.items() if path.is_file()]
+    if not shown:
+        return []
+    images = " ".join(f"![{name} loss]({path.relative_to(paths.root).as_posix()})" for name, path in shown)
+    return [
+        f"Loss curves ({', '.join(name for name, _ in shown)}), as the training commands logged them:",
+        "",
+        images,
+        "",
+    ]
 
 
 def _eval_section(

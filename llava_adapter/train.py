@@ -40,7 +40,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dove_vlm.loss_curve import plot_loss_curve
+from tokenizer.evaluation.loss_curve import LOSS_CURVE_FILE, plot_loss_curve
 from tokenizer.hub import remove_saved_files, resolve_pretrained_dir
 from tokenizer.training.checkpointing import (
     CorruptCheckpointError,
@@ -62,7 +62,6 @@ from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune_log.json"
-LOSS_CURVE_FILE = "loss_curve.png"
 TRAINING_ARGS_FILE = "training_args.bin"  # the Trainer's own name for it
 CHECKPOINT_RECORD = "checkpoint_files.json"  # sizes and checksums of a Trainer checkpoint's files
 STAGE_TEMPLATES = {1: "plain", 2: None}  # None: the model's recorded template, else "auto"

@@ -268,6 +268,9 @@ def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(fast_dem
         figure = out / "figures" / name
         assert f"(figures/{name})" in report
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # the loss curves the three training commands drew, shown where they lie
+    for curve in ("tokenizer/logs/loss_curve.png", "vlm-stage1/loss_curve.png", "vlm-stage2/loss_curve.png"):
+        assert f"]({curve})" in report and (out / curve).read_bytes()[:4] == b"\x89PNG", curve
     for heading in ("Reconstruction quality", "mean automatic length", "## Evaluation", "Accuracy per question type",
                     "Accuracy per question type against the budget", "What variable length bought",
                     "## Time per step"):  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from dove_vlm.loss_curve import plot_loss_curve
+from tokenizer.evaluation.loss_curve import plot_loss_curve
 
 TRAINER_LOG = [
     {"loss": 3.0, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": 0.25, "step": 1},

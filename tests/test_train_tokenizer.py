@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from tokenizer_training_helpers import MICRO_MODEL, cli_command, cli_env, make_shapes_data, run_cli, write_config
 
 from tokenizer import DoveTokenizer
+from tokenizer.training import loop
 from tokenizer.training.checkpointing import CheckpointManager
 from tokenizer.training.config import TrainConfig, load_training_file, parse_training_setup
 from tokenizer.training.loop import TokenizerTrainer, parameter_groups, warmup_cosine
@@ -96,6 +98,8 @@ def test_short_run_writes_everything_and_the_export_loads(tmp_path, shapes):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert "loss/discriminator" in records[-1] and "loss/generator_adversarial" in records[-1]
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records)
+    with Image.open(out / "logs" / "loss_curve.png") as curve:
+        assert curve.format == "PNG" and curve.width > 100
     loaded = DoveTokenizer.from_pretrained(out / "final")
     for name, tensor in trainer.tokenizer.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -307,3 +311,18 @@ def test_two_gloo_processes_agree(tmp_path):
     final = DoveTokenizer.from_pretrained(out / "final").state_dict()
     for name, tensor in final.items():
         assert torch.equal(tensor, ranks[0][f"model.{name}"]), name
+
+
+def test_the_loss_curve_draws_each_step_once_from_the_run_that_kept_it(tmp_path, monkeypatch):
+    """A resumed run logs again the steps after its checkpoint: the curve takes each step's last record."""
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    rows = [{"step": 1, "loss/total": 3.0}, {"step": 2, "loss/total": 9.0}, {"step": 2, "loss/total": 2.0},
+            {"step": 3, "loss/total": 1.0, "loss/length": 0.5}]  # fmt: skip
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+    monkeypatch.setattr(loop, "plot_loss_curve", lambda history, path, keys, title: drawn.update(h=history, k=keys))
+    loop.write_loss_curve(metrics)
+    assert [(r["step"], r["loss/total"]) for r in drawn["h"]] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert drawn["k"] == ["loss/total", "loss/length"]
+    assert loop.write_loss_curve(tmp_path / "absent.jsonl") is None

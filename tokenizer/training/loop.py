@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..evaluation.loss_curve import LOSS_CURVE_FILE, plot_loss_curve
 from ..hub import remove_saved_files
 from ..modeling.dove_tokenizer import WEIGHTS_NAME, DoveTokenizer
 from ..modeling.length import lengths_from_eos, mask_from_lengths
@@ -58,6 +59,7 @@ FINAL_DIR = "final"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 METRICS_FILE = "metrics.jsonl"
+CURVE_KEYS = ("loss/total", "loss/vq_reconstruction", "loss/reconstruction", "loss/latent", "loss/length")
 
 
 def build_tokenizer(spec: ModelSpec) -> DoveTokenizer:
@@ -369,7 +371,8 @@ class TokenizerTrainer:
         found = []
         if self.checkpoints.root.is_dir():
             found += sorted(p for p in self.checkpoints.root.iterdir() if p.name.lstrip(".").startswith("step-"))
-        found += [p for p in (self.output_dir / FINAL_DIR, self.output_dir / LOGS_DIR / METRICS_FILE) if p.exists()]
+        logs = self.output_dir / LOGS_DIR
+        found += [p for p in (self.output_dir / FINAL_DIR, logs / METRICS_FILE, logs / LOSS_CURVE_FILE) if p.exists()]
         found += sorted((self.output_dir / SAMPLES_DIR).glob("step-*.png"))
         return found
 
@@ -611,6 +614,7 @@ class TokenizerTrainer:
         final = self.output_dir / FINAL_DIR
         if accelerator.is_main_process:
             self.tokenizer.save_pretrained(final)
+            write_loss_curve(metrics_path)
         skipped = self._total_skipped()
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -711,6 +715,22 @@ def _scalar_config(setup: TrainingSetup) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def write_loss_curve(metrics_path: Path) -> Path | None:
+    """Draw `LOSS_CURVE_FILE` in LOGS_DIR, beside the metrics log, from every step it holds; returns its path, or None when the
+    log has no loss to draw. A resumed run re-logs the steps after its checkpoint, so the last record of each
+    step is the one drawn (the run that produced the weights)."""
+    if not metrics_path.is_file():
+        return None
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    history = [by_step[step] for step in sorted(by_step)]
+    keys = [key for key in CURVE_KEYS if any(key in record for record in history)]
+    return plot_loss_curve(history, metrics_path.with_name(LOSS_CURVE_FILE), keys=keys, title="train-tokenizer")
 
 
 def train_tokenizer(

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+LOSS_CURVE_FILE = "loss_curve.png"  # the name both training loops give their curve
+
 
 def plot_loss_curve(
     history: Iterable[Mapping[str, Any]],
