@@ -37,7 +37,7 @@ from dove_vlm.lmms_tasks.dove_shapes_vqa.utils import normalise_answer
 from llava_adapter.conversation import require_question
 from llava_adapter.data import LlavaCollator, LlavaConversationDataset, pad_token_id
 from llava_adapter.inference import answer_questions, load_pretrained_model
-from llava_adapter.length_objective import AnswerLengthObjective
+from llava_adapter.length_objective import AnswerLengthObjective, sampled_answer_length_objective
 from llava_adapter.modeling import DoveLlavaForCausalLM
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # the lmms-eval task's prompt
@@ -81,30 +81,87 @@ def evaluate(model: DoveLlavaForCausalLM, tokenizer, records: list[dict], images
     return correct, [int(a.visual_tokens) for a in answers]
 
 
-def tune_head(model: DoveLlavaForCausalLM, tokenizer, demo_dir: Path, price: float, steps: int, batch: int,
-              lr: float, candidates: int, seed: int) -> tuple[DoveLlavaForCausalLM, list[dict]]:  # fmt: skip
-    """A copy of `model` whose EOS head alone is trained on the answer-length objective at `price`."""
+def head_only(model: DoveLlavaForCausalLM) -> DoveLlavaForCausalLM:
+    """A copy of `model` in which only the tower's EOS head trains (eval mode: no dropout)."""
     tuned = copy.deepcopy(model)
     tuned.requires_grad_(False)
     tuned.vision_tower.set_trainable("eos_head")
-    tuned.eval()  # no dropout: the head learns the lengths of the model that answers
-    head = tuned.vision_tower.tokenizer.generator.eos_head
+    tuned.eval()
+    return tuned
+
+
+def train_loader(model: DoveLlavaForCausalLM, tokenizer, demo_dir: Path, batch: int, seed: int):
     dataset = LlavaConversationDataset(
         demo_dir / "data" / "train" / "llava.json",
         tokenizer,
-        tuned.vision_tower.image_processor,
+        model.vision_tower.image_processor,
         demo_dir / "data" / "images",
-        template=tuned.config.conversation_template,
-        use_query=bool(tuned.config.use_query),
+        template=model.config.conversation_template,
+        use_query=bool(model.config.use_query),
         cache_items=True,
     )
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
         shuffle=True,
         collate_fn=LlavaCollator(pad_token_id(tokenizer)),
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def compare_estimators(model: DoveLlavaForCausalLM, tokenizer, demo_dir: Path, batches: int, batch: int,
+                       candidates: int, repeats: int, seed: int) -> dict[str, float]:  # fmt: skip
+    """The head's gradient of E_L[answer loss(L)] (price 0, where the estimators differ in everything) from K
+    interpolated candidates and from the score-function estimator at the same K LLM passes (K - 1 samples
+    and the greedy baseline), against the exact gradient (every length a candidate): mean relative error
+    and cosine over `batches` training batches, the sampled one averaged over `repeats` draws each."""
+    tuned = head_only(model)
+    head = list(tuned.vision_tower.tokenizer.generator.eos_head.parameters())
+    max_tokens = tuned.vision_tower.num_patches
+
+    def gradient(objective, inputs) -> torch.Tensor:
+        for param in head:
+            param.grad = None
+        objective(tuned, tuned, inputs).loss.backward()
+        return torch.cat([param.grad.flatten() for param in head]).double()
+
+    def compare(estimate: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+        error = float((estimate - exact).norm() / exact.norm())
+        return error, float(torch.nn.functional.cosine_similarity(estimate, exact, dim=0))
+
+    def sampled_objective(model, vlm, inputs):
+        return sampled_answer_length_objective(model, vlm, inputs, 0.0, samples=candidates - 1)
+
+    interpolated, sampled = [], []
+    torch.manual_seed(seed)
+    for index, inputs in enumerate(train_loader(tuned, tokenizer, demo_dir, batch, seed)):
+        if index >= batches:
+            break
+        exact = gradient(AnswerLengthObjective(0.0, candidates=max_tokens), inputs)
+        interpolated.append(compare(gradient(AnswerLengthObjective(0.0, candidates=candidates), inputs), exact))
+        sampled += [compare(gradient(sampled_objective, inputs), exact) for _ in range(repeats)]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    return {
+        "interpolated_error": mean([e for e, _ in interpolated]),
+        "interpolated_cosine": mean([c for _, c in interpolated]),
+        "sampled_error": mean([e for e, _ in sampled]),
+        "sampled_cosine": mean([c for _, c in sampled]),
+        "batches": batches,
+        "repeats": repeats,
+        "llm_passes": candidates,
+        "exact_llm_passes": max_tokens,
+    }
+
+
+def tune_head(model: DoveLlavaForCausalLM, tokenizer, demo_dir: Path, price: float, steps: int, batch: int,
+              lr: float, candidates: int, seed: int) -> tuple[DoveLlavaForCausalLM, list[dict]]:  # fmt: skip
+    """A copy of `model` whose EOS head alone is trained on the answer-length objective at `price`."""
+    tuned = head_only(model)
+    head = tuned.vision_tower.tokenizer.generator.eos_head
+    loader = train_loader(tuned, tokenizer, demo_dir, batch, seed)
     objective = AnswerLengthObjective(price, candidates=candidates)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     log, step = [], 0
@@ -197,6 +254,8 @@ def main() -> None:
     parser.add_argument("--head-batch", type=int, default=32)
     parser.add_argument("--head-lr", type=float, default=1e-2)
     parser.add_argument("--candidates", type=int, default=4, help="lengths the answer loss is computed at per step")
+    parser.add_argument("--estimator-batches", type=int, default=4, help="batches to compare estimators on (0: skip)")
+    parser.add_argument("--estimator-repeats", type=int, default=5)
     parser.add_argument("--limit", type=int, default=600, help="held-out questions (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -229,6 +288,13 @@ def main() -> None:
                  "accuracy": sum(correct) / n, "mean_tokens": sum(tokens) / n})  # fmt: skip
     print(f"fixed budgets 1..{max_tokens} and the reconstruction head: {time.perf_counter() - t0:.0f} s", flush=True)
 
+    estimators = None
+    if args.estimator_batches:
+        t0 = time.perf_counter()
+        estimators = compare_estimators(model, tokenizer, demo_dir, args.estimator_batches, args.head_batch,
+                                        args.candidates, args.estimator_repeats, args.seed)  # fmt: skip
+        print(f"head gradient against the exact one ({time.perf_counter() - t0:.0f} s): {estimators}", flush=True)
+
     logs = {}
     for price in args.prices:
         t0 = time.perf_counter()
@@ -249,7 +315,9 @@ def main() -> None:
 
     fixed = [r for r in rows if r["method"] == "fixed budget"]
     table = write_table(rows, fixed, n, args.workdir / "answer_length.md")
-    (args.workdir / "answer_length.json").write_text(json.dumps({"rows": rows, "n": n, "logs": logs}, indent=1))
+    (args.workdir / "answer_length.json").write_text(
+        json.dumps({"rows": rows, "n": n, "estimators": estimators, "logs": logs}, indent=1)
+    )
     plot(rows, args.workdir / "answer_length.png", f"{n} held-out shapes questions, {demo_dir.name}")
     print(f"\n{n} held-out questions, N = {max_tokens}; total {time.perf_counter() - started:.0f} s\n")
     print(table)
