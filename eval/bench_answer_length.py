@@ -7,16 +7,16 @@ visual tokens (a Pareto plot and a markdown table).
     E_L[answer loss(L)] + beta * E[L]), one tuned head per price, then `budget=auto`.
 
 The VLM is the offline demo's (`dove-vlm demo`: shapes-VQA data, a Q-DOVE tokenizer trained from scratch, a
-tiny LLaMA, stages 1 and 2); the benchmark builds it with the `fast` recipe unless --recipe full or
---demo-dir points at a finished demo. The head is tuned ALONE here (LLM, projector and the rest of the tower
+tiny LLaMA, stages 1 and 2); the benchmark builds it with the demo's recipe (`--recipe full`, 8 minutes on 2
+CPU cores; `fast` is the CI one, whose VLM barely learns) unless --demo-dir points at a finished demo. The head is tuned ALONE here (LLM, projector and the rest of the tower
 frozen; Adam on the head's weights, from the reconstruction-trained head, on the training split), so the
 three methods share every weight but the head's and differ only in the lengths they choose. (`dove-vlm
 finetune --tower-trainable eos_head --token-price` trains the LLM or its LoRA with it.) Every answer is greedy,
 on the held-out questions, the question as the tower's query when the model was trained with one; scoring
 is the `dove_shapes_vqa` task's (EvalAI normalisation, exact match).
 
-    python eval/bench_answer_length.py --workdir /tmp/dove_bench_answer_length              # CPU, minutes
-    python eval/bench_answer_length.py --recipe full --prices 0 0.002 0.005 0.01 0.02 0.05 --head-steps 300
+    python eval/bench_answer_length.py --demo-dir outputs/demo --prices 0 0.002 0.01 0.05   # ~1 min more
+    python eval/bench_answer_length.py --prices 0 0.001 0.002 0.005 0.01 0.02 0.05 --head-steps 400 --limit 0
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dove_bench_answer_length"))
-    parser.add_argument("--recipe", choices=("fast", "full"), default="fast", help="the demo recipe to build")
+    parser.add_argument("--recipe", choices=("fast", "full"), default="full", help="the demo recipe to build")
     parser.add_argument("--demo-dir", type=Path, default=None, help="a finished demo (default WORKDIR/demo-RECIPE)")
     parser.add_argument("--prices", nargs="+", type=float, default=[0.0, 0.01, 0.05])
     parser.add_argument("--head-steps", type=int, default=100)
