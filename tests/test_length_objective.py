@@ -199,13 +199,25 @@ def test_eos_head_run_trains_only_the_head_in_the_tower_and_the_price_moves_the_
     assert torch.all(start_lengths == 32) and start_expected > 15  # dove-tiny: N = 32
 
     high, free = tmp_path / "high", tmp_path / "free"
-    finetune(stage2(workspace, high, token_price=10.0))
+    trained = finetune(stage2(workspace, high, token_price=10.0)).model
     finetune(stage2(workspace, free, token_price=0.0))
     for output in (high, free):
         tuned = load_file(str(output / "vision_tower" / "model.safetensors"))
         changed = {k for k in start if not torch.equal(start[k], tuned[k])}
         assert changed == set(HEAD), changed
         assert json.loads((output / "config.json").read_text())["token_price"] in (10.0, 0.0)
+
+    # Saved and reloaded, the tuned head gives the EOS logits it had in memory at the end of training.
+    batch = batch_of(workspace, tokenizer, n=8)
+    reloaded = DoveLlavaForCausalLM.from_pretrained(high)
+    assert reloaded.config.token_price == 10.0 and reloaded.vision_tower.trainable == "eos_head"
+    for model in (trained, reloaded):
+        model.eval()
+        with torch.no_grad():
+            model.vision_tower(batch["images"], queries=batch.get("queries"))
+    torch.testing.assert_close(
+        reloaded.vision_tower.last_eos_logits, trained.vision_tower.last_eos_logits, rtol=0, atol=0
+    )
 
     high_lengths, high_expected = tower_lengths(high, workspace, tokenizer)
     free_lengths, free_expected = tower_lengths(free, workspace, tokenizer)
