@@ -146,22 +146,42 @@ def parse_steps(text: str | None) -> list[str]:
 
 
 def run_demo(
-    out_dir: str | os.PathLike, fast: bool = False, steps: Sequence[str] | None = None, progress: bool = True
+    out_dir: str | os.PathLike,
+    fast: bool = False,
+    steps: Sequence[str] | None = None,
+    progress: bool = True,
+    seed: int | None = None,
 ) -> DemoSummary:
-    """Run the demo's steps (all by default) into `out_dir` and write the report; returns the timings."""
+    """Run the demo's steps (all by default) into `out_dir` and write the report; returns the timings.
+
+    `seed` seeds every step (data, tokenizer, LLM, both stages); None keeps the recipe's, or, when re-running
+    some steps, the seed the directory was made with, so the steps of one directory always share one seed."""
     from tqdm.auto import tqdm
 
     recipe = FAST if fast else FULL
     paths = DemoPaths(Path(out_dir).expanduser().resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     selected = list(steps) if steps is not None else list(STEP_NAMES)
-    plan = [s for s in build_steps(recipe, paths, progress=progress) if s.name in selected]
     state = load_state(paths)
-    if state.get("recipe", {}).get("name") not in (None, recipe.name) and set(selected) != set(STEP_NAMES):
+    partial = set(selected) != set(STEP_NAMES)
+    saved = state.get("recipe", {})
+    if saved.get("name") not in (None, recipe.name) and partial:
         raise ValueError(
-            f"{paths.root} holds a '{state['recipe']['name']}' demo; re-run its steps with the same "
-            f"{'--fast' if state['recipe']['name'] == 'fast' else 'recipe (no --fast)'}, or use another --out"
+            f"{paths.root} holds a '{saved['name']}' demo; re-run its steps with the same "
+            f"{'--fast' if saved['name'] == 'fast' else 'recipe (no --fast)'}, or use another --out"
         )
+    if partial and "seed" in saved:
+        if seed is not None and seed != saved["seed"]:
+            raise ValueError(
+                f"{paths.root} was made with --seed {saved['seed']}; re-run its steps with that seed, or use "
+                "another --out"
+            )
+        seed = saved["seed"]
+    if seed is not None:
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {seed}")
+        recipe = dataclasses.replace(recipe, seed=seed)
+    plan = [s for s in build_steps(recipe, paths, progress=progress) if s.name in selected]
     timings: dict[str, dict[str, Any]] = dict(state.get("timings", {})) if set(selected) != set(STEP_NAMES) else {}
     bar = tqdm(plan, desc=f"dove-vlm demo ({recipe.name})", unit="step", disable=not progress, position=0)
     report_path = None

@@ -298,7 +298,8 @@ def render_markdown(
             f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} cores, torch {machine.get('torch')} "
             f"with {machine.get('torch_threads')} threads, Python {machine.get('python')}, "
             f"{'CUDA available' if machine.get('cuda') else 'no GPU used'}, BLAS {machine.get('blas', 'unknown')}. "
-            "The same seed on this machine gives the same accuracy tables; another machine can differ through "
+            f"Seed {recipe.seed} (`--seed`). The same seed on this machine gives the same accuracy tables; another "
+            "machine can differ through "
             "its thread count and BLAS (the order of floating-point sums), which move training by small amounts "
             "that the count questions can amplify. Answers/s depend on the machine's load."
         ),

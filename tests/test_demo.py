@@ -17,6 +17,7 @@ from dove_vlm.cli import main as cli_main
 from dove_vlm.demo import FAST, FULL, STEP_NAMES, DemoPaths, build_steps, parse_steps, write_tokenizer_config
 from dove_vlm.demo_measure import REQUIRED_MARGIN, EvalRow, accuracy_check, variable_length_findings
 from dove_vlm.report import FIGURES, render_check
+from tokenizer.training.config import load_training_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,6 @@ def test_every_step_is_a_dove_vlm_command_writing_under_the_output_dir(recipe, t
 
 def test_the_fast_recipe_plans_a_smaller_run_than_the_full_one(tmp_path):
     """What the fast demo actually runs (its make-shapes command, its tokenizer training file) is smaller."""
-    from tokenizer.training.config import load_training_file
 
     def planned(recipe, name):
         steps = {s.name: s for s in build_steps(recipe, DemoPaths(tmp_path / name))}
@@ -71,7 +71,6 @@ def test_steps_are_parsed_in_pipeline_order_and_unknown_names_are_refused():
 
 
 def test_the_tokenizer_config_is_a_training_file_train_tokenizer_accepts(tmp_path):
-    from tokenizer.training.config import load_training_file
 
     setup = load_training_file(write_tokenizer_config(FULL, tmp_path / "tokenizer.yaml"))
     assert setup.model.preset == FULL.tokenizer_model["preset"]
@@ -86,6 +85,26 @@ def test_re_running_steps_refuses_a_directory_made_with_the_other_recipe(tmp_pat
     save_state(paths, FULL, {})
     with pytest.raises(ValueError, match="'full' demo"):
         run_demo(tmp_path, fast=True, steps=["report"], progress=False)
+
+
+def test_a_seed_reaches_every_seeded_step_and_re_runs_keep_the_directorys_seed(tmp_path, monkeypatch):
+    import dataclasses
+
+    from dove_vlm import demo
+
+    seeded = build_steps(dataclasses.replace(FULL, seed=3), DemoPaths(tmp_path))
+    for name in ("data", "llm", "stage1", "stage2"):
+        [step] = [s for s in seeded if s.name == name]
+        assert step.argv[step.argv.index("--seed") + 1] == "3", name
+    config = write_tokenizer_config(dataclasses.replace(FULL, seed=3), tmp_path / "tokenizer.yaml")
+    assert load_training_file(config).train.seed == 3
+    demo.save_state(DemoPaths(tmp_path), dataclasses.replace(FULL, seed=3), {})
+    with pytest.raises(ValueError, match="made with --seed 3"):
+        demo.run_demo(tmp_path, steps=["report"], progress=False, seed=4)
+    planned = []
+    monkeypatch.setattr(demo, "build_steps", lambda recipe, paths, progress=True: planned.append(recipe.seed) or [])
+    demo.run_demo(tmp_path, steps=["report"], progress=False)
+    assert planned == [3]
 
 
 def _imported_modules(module: str) -> set[str]:

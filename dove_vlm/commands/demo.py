@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"re-run only these steps, comma separated, with the recipe the directory was made with ({STEP_HELP})",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of every step (default: the recipe's, 0; re-running steps keeps the directory's seed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     steps = parse_steps(args.steps)
     try:
-        summary = run_demo(args.out, fast=args.fast, steps=steps, progress=not args.no_progress)
+        summary = run_demo(args.out, fast=args.fast, steps=steps, progress=not args.no_progress, seed=args.seed)
     except DemoStepError as err:
         print(f"dove-vlm demo: {err}")
         return 1
