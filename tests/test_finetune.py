@@ -134,9 +134,7 @@ def test_lora_adapts_every_llm_linear_but_the_output_layer(arch):
     torch.manual_seed(0)
     llm = build_tiny_llm(tok, arch)
     output = llm.get_output_embeddings()
-    linear = [
-        name for name, m in llm.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
-    ]
+    linear = [name for name, m in llm.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output]
     assert linear
     wrapped = apply_lora(llm, r=4, alpha=8)
     adapted = {name.removeprefix("base_model.model.") for name, m in wrapped.named_modules() if hasattr(m, "lora_A")}
@@ -563,7 +561,13 @@ def test_zero2_stage1_on_two_gloo_ranks_trains_the_same_projector_on_both_and_re
     output = tmp_path / "stage1"
     config = {
         "stage1": stage_args(
-            workspace, tmp_path, 1, output, llm=str(workspace.llm_dir), tower=str(workspace.tower_dir), deepspeed="zero2"
+            workspace,
+            tmp_path,
+            1,
+            output,
+            llm=str(workspace.llm_dir),
+            tower=str(workspace.tower_dir),
+            deepspeed="zero2",
         ),
         "out": str(tmp_path),
     }
