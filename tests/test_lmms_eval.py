@@ -135,6 +135,53 @@ def test_cli_writes_accuracy_token_stats_and_per_sample_counts(cli_run):
     assert results["throughput"]["avg_latency"] > 0  # seconds per answer, for answers/s
 
 
+OVERFIT_STEPS = 200
+OVERFIT = 4  # test records the tiny VLM learns by heart, the first ones `--limit` takes
+
+
+@pytest.mark.slow
+def test_cli_gives_full_credit_to_a_vlm_overfitted_on_the_records_it_answers(vlm_dir, shapes_dir, tmp_path):
+    """The tiny VLM, fully fine-tuned on the first few test questions until it recites their answers, answers
+    them right through lmms-eval's CLI: every sample's reply is its answer and exact_match is 1.0. The records
+    have different answers, so no fixed reply could pass; 200 full fine-tuning steps at a constant 3e-3 take the
+    loss from about 1.3 to about 0.002 (8 s on 2 cores)."""
+    from llava_adapter.train import FinetuneArguments, finetune
+
+    rows = pq.read_table(shapes_dir / "test" / "vqa.parquet").to_pylist()[:OVERFIT]
+    by_id = {r["id"]: r for r in json.loads((shapes_dir / "test" / "llava.json").read_text())}
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([by_id[r["question_id"]] for r in rows]))
+    assert len({r["answer"] for r in rows}) > 1  # more than one answer to learn: no single reply passes
+    overfitted = tmp_path / "overfitted"
+    result = finetune(FinetuneArguments(
+        stage=2, model=str(vlm_dir), data=str(train), image_folder=str(shapes_dir / "images"),
+        output_dir=str(overfitted), lora=False, max_steps=OVERFIT_STEPS, per_device_train_batch_size=OVERFIT,
+        learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler_type="constant", group_by_visual_length=False,
+        save_steps=None, logging_steps=OVERFIT_STEPS // 4,
+    ))  # fmt: skip
+    assert result.losses[-1] < 0.05, result.losses
+
+    out = tmp_path / "cli"
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "dove_llava",
+        "--model_args", f"pretrained={overfitted},batch_size={BATCH}",
+        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(OVERFIT),
+        "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
+    ]  # fmt: skip
+    env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir)}
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [results_file] = glob.glob(str(out / "*" / "*_results.json"))
+    [samples_file] = glob.glob(str(out / "*" / f"*_samples_{TASK}.jsonl"))
+    samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
+    samples.sort(key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == list(range(OVERFIT))
+    assert [s["target"] for s in samples] == [r["answer"] for r in rows]  # the records it was trained on
+    assert [s["filtered_resps"] for s in samples] == [r["answer"] for r in rows]  # the CLI log keeps one string
+    assert [s["exact_match"] for s in samples] == [1.0] * OVERFIT
+    assert json.loads(Path(results_file).read_text())["results"][TASK]["exact_match,none"] == 1.0
+
+
 @pytest.mark.slow
 def test_simple_evaluate_with_an_instance_matches_the_cli(cli_run, vlm_dir, shapes_env, task_manager):
     cli_results, cli_samples = cli_run
@@ -392,8 +439,10 @@ def test_the_tower_query_is_the_question_without_standard_instructions():
     assert question_of("Describe the scene.") == "Describe the scene."
     assert question_of(SHORT_ANSWER_SUFFIX) == ""
     # Training derives the query by the same rule from a LLaVA conversation.
-    turns = [{"from": "human", "value": "<image>\nWhat colour is the circle?" + SHORT_ANSWER_SUFFIX},
-             {"from": "gpt", "value": "red"}]
+    turns = [
+        {"from": "human", "value": "<image>\nWhat colour is the circle?" + SHORT_ANSWER_SUFFIX},
+        {"from": "gpt", "value": "red"},
+    ]
     assert conversation_query(turns) == "What colour is the circle?"
 
 
