@@ -414,6 +414,8 @@ def test_zero2_stage1_then_stage2_lora_through_the_deepspeed_launch_scripts(work
             **env, PORT=str(free_port()), LLM=str(workspace.llm_dir), TOWER=str(workspace.tower_dir), OUTPUT=str(stage1)
         ),
     )
+    # Equal to float32 rounding: ZeRO's flat, partitioned optimiser adds in another order, so losses differ in
+    # their last bit or two (measured up to 1.2e-7 relative); rel=1e-5 still fails any real divergence.
     assert logged_losses(stage1) == pytest.approx(plain_stage1_losses, rel=1e-5)
     assert_loss_falls(logged_losses(stage1))
     assert (stage1 / "mm_projector.safetensors").is_file() and not (stage1 / "llm").exists()
@@ -506,7 +508,7 @@ def test_zero3_stage1_then_stage2_lora_under_torchrun_and_an_exact_resume(
         ["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()), str(driver), json.dumps(config)],
         launcher_env(),
     )
-    assert logged_losses(stage1) == pytest.approx(plain_stage1_losses, rel=1e-5)
+    assert logged_losses(stage1) == pytest.approx(plain_stage1_losses, rel=1e-5)  # float32 rounding, as ZeRO-2's
     assert_loss_falls(logged_losses(stage2))
 
     reloaded = DoveLlavaForCausalLM.from_pretrained(stage2)
