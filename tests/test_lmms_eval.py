@@ -100,14 +100,12 @@ def test_entry_point_registers_dove_llava():
 # ------------------------------------------------------------------------------------ the CLI, end to end
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
-    out = tmp_path_factory.mktemp("cli")
+def run_lmms_eval_cli(out: Path, model_args: str, shapes_dir: Path, limit: int) -> tuple[dict, list[dict]]:
+    """`python -m lmms_eval` on the shapes task; its results and its samples log."""
     env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir)}
     command = [
-        sys.executable, "-m", "lmms_eval", "--model", "dove_llava",
-        "--model_args", f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH}",
-        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(LIMIT),
+        sys.executable, "-m", "lmms_eval", "--model", "dove_llava", "--model_args", model_args,
+        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(limit),
         "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
     ]  # fmt: skip
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
@@ -117,6 +115,12 @@ def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
     results = json.loads(Path(results_file).read_text())
     samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
     return results, samples
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
+    model_args = f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH}"
+    return run_lmms_eval_cli(tmp_path_factory.mktemp("cli"), model_args, shapes_dir, LIMIT)
 
 
 @pytest.mark.slow
@@ -161,25 +165,14 @@ def test_cli_gives_full_credit_to_a_vlm_overfitted_on_the_records_it_answers(vlm
     ))  # fmt: skip
     assert result.losses[-1] < 0.05, result.losses
 
-    out = tmp_path / "cli"
-    command = [
-        sys.executable, "-m", "lmms_eval", "--model", "dove_llava",
-        "--model_args", f"pretrained={overfitted},batch_size={BATCH}",
-        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(OVERFIT),
-        "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
-    ]  # fmt: skip
-    env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir)}
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    [results_file] = glob.glob(str(out / "*" / "*_results.json"))
-    [samples_file] = glob.glob(str(out / "*" / f"*_samples_{TASK}.jsonl"))
-    samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
+    model_args = f"pretrained={overfitted},batch_size={BATCH}"
+    results, samples = run_lmms_eval_cli(tmp_path / "cli", model_args, shapes_dir, OVERFIT)
     samples.sort(key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(OVERFIT))
     assert [s["target"] for s in samples] == [r["answer"] for r in rows]  # the records it was trained on
     assert [s["filtered_resps"] for s in samples] == [r["answer"] for r in rows]  # the CLI log keeps one string
     assert [s["exact_match"] for s in samples] == [1.0] * OVERFIT
-    assert json.loads(Path(results_file).read_text())["results"][TASK]["exact_match,none"] == 1.0
+    assert results["results"][TASK]["exact_match,none"] == 1.0
 
 
 @pytest.mark.slow
