@@ -381,6 +381,10 @@ class DoveLlavaTrainer(Trainer):
         model.load_state_dict(saved.state_dict(), strict=True)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the model on the saving process only: under DeepSpeed the Trainer calls `_save` on every rank
+        (after the collective gather of the state dict), and two ranks writing one directory collide."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(

@@ -57,12 +57,14 @@ def build_workspace(root: Path, n_images: int = 16, seed: int = 0, arch: str = "
 
 class OutputDtypes(TrainerCallback):
     """Forward hooks, put on the model the Trainer trains when training begins, that record the dtype each watched
-    module outputs and whether CPU autocast was on around it."""
+    module outputs and whether CPU autocast was on around it, and count its forward calls (gradient checkpointing
+    runs a checkpointed layer's forward again in the backward pass, so it shows as twice the projector's count)."""
 
     def __init__(self) -> None:
         self.watched = {"llm": ".layers.0.self_attn.q_proj", "generator": "vision_tower.tokenizer.generator",
                         "vq": "vision_tower.tokenizer.vq.model.encoder", "projector": "mm_projector"}  # fmt: skip
         self.seen: dict[str, set[tuple[str, bool]]] = {}
+        self.calls: dict[str, int] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         for part, suffix in self.watched.items():
@@ -74,5 +76,6 @@ class OutputDtypes(TrainerCallback):
         def hook(module, inputs, output) -> None:
             tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
             self.seen.setdefault(part, set()).add((str(tensor.dtype), torch.is_autocast_enabled("cpu")))
+            self.calls[part] = self.calls.get(part, 0) + 1
 
         return hook

@@ -133,6 +133,7 @@ def test_bf16_finetune_steps_run_the_llm_and_generator_in_bf16_and_the_vq_in_fp3
     half = "torch.bfloat16" if bf16 else "torch.float32"
     assert hooks.seen == {"llm": {(half, bf16)}, "projector": {(half, bf16)}, "generator": {(half, bf16)},
                           "vq": {("torch.float32", False)}}  # fmt: skip
+    assert hooks.calls["llm"] == hooks.calls["projector"] == 1  # one step, no gradient checkpointing: no recompute
 
 
 KILLED_RUN = """

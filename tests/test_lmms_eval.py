@@ -100,14 +100,12 @@ def test_entry_point_registers_dove_llava():
 # ------------------------------------------------------------------------------------ the CLI, end to end
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
-    out = tmp_path_factory.mktemp("cli")
+def run_lmms_eval_cli(out: Path, model_args: str, shapes_dir: Path, limit: int) -> tuple[dict, list[dict]]:
+    """`python -m lmms_eval` on the shapes task; its results and its samples log."""
     env = {**os.environ, "DOVE_SHAPES_DIR": str(shapes_dir)}
     command = [
-        sys.executable, "-m", "lmms_eval", "--model", "dove_llava",
-        "--model_args", f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH}",
-        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(LIMIT),
+        sys.executable, "-m", "lmms_eval", "--model", "dove_llava", "--model_args", model_args,
+        "--include_path", str(TASKS_DIR), "--tasks", TASK, "--limit", str(limit),
         "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
     ]  # fmt: skip
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
@@ -117,6 +115,12 @@ def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
     results = json.loads(Path(results_file).read_text())
     samples = [json.loads(line) for line in Path(samples_file).read_text().splitlines()]
     return results, samples
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, vlm_dir, shapes_dir):
+    model_args = f"pretrained={vlm_dir},query=true,budget=auto,batch_size={BATCH}"
+    return run_lmms_eval_cli(tmp_path_factory.mktemp("cli"), model_args, shapes_dir, LIMIT)
 
 
 @pytest.mark.slow
@@ -133,6 +137,42 @@ def test_cli_writes_accuracy_token_stats_and_per_sample_counts(cli_run):
     assert metrics["visual_tokens_max,none"] == max(counts)
     assert metrics["exact_match,none"] == pytest.approx(statistics.fmean(s["exact_match"] for s in samples))
     assert results["throughput"]["avg_latency"] > 0  # seconds per answer, for answers/s
+
+
+OVERFIT_STEPS = 200
+OVERFIT = 4  # test records the tiny VLM learns by heart, the first ones `--limit` takes
+
+
+@pytest.mark.slow
+def test_cli_gives_full_credit_to_a_vlm_overfitted_on_the_records_it_answers(vlm_dir, shapes_dir, tmp_path):
+    """The tiny VLM, fully fine-tuned on the first few test questions until it recites their answers, answers
+    them right through lmms-eval's CLI: every sample's reply is its answer and exact_match is 1.0. The records
+    have different answers, so no fixed reply could pass; 200 full fine-tuning steps at a constant 3e-3 take the
+    loss from about 1.3 to about 0.002 (8 s on 2 cores)."""
+    from llava_adapter.train import FinetuneArguments, finetune
+
+    rows = pq.read_table(shapes_dir / "test" / "vqa.parquet").to_pylist()[:OVERFIT]
+    by_id = {r["id"]: r for r in json.loads((shapes_dir / "test" / "llava.json").read_text())}
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([by_id[r["question_id"]] for r in rows]))
+    assert len({r["answer"] for r in rows}) > 1  # more than one answer to learn: no single reply passes
+    overfitted = tmp_path / "overfitted"
+    result = finetune(FinetuneArguments(
+        stage=2, model=str(vlm_dir), data=str(train), image_folder=str(shapes_dir / "images"),
+        output_dir=str(overfitted), lora=False, max_steps=OVERFIT_STEPS, per_device_train_batch_size=OVERFIT,
+        learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler_type="constant", group_by_visual_length=False,
+        save_steps=None, logging_steps=OVERFIT_STEPS // 4,
+    ))  # fmt: skip
+    assert result.losses[-1] < 0.05, result.losses
+
+    model_args = f"pretrained={overfitted},batch_size={BATCH}"
+    results, samples = run_lmms_eval_cli(tmp_path / "cli", model_args, shapes_dir, OVERFIT)
+    samples.sort(key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == list(range(OVERFIT))
+    assert [s["target"] for s in samples] == [r["answer"] for r in rows]  # the records it was trained on
+    assert [s["filtered_resps"] for s in samples] == [r["answer"] for r in rows]  # the CLI log keeps one string
+    assert [s["exact_match"] for s in samples] == [1.0] * OVERFIT
+    assert results["results"][TASK]["exact_match,none"] == 1.0
 
 
 @pytest.mark.slow
@@ -392,8 +432,10 @@ def test_the_tower_query_is_the_question_without_standard_instructions():
     assert question_of("Describe the scene.") == "Describe the scene."
     assert question_of(SHORT_ANSWER_SUFFIX) == ""
     # Training derives the query by the same rule from a LLaVA conversation.
-    turns = [{"from": "human", "value": "<image>\nWhat colour is the circle?" + SHORT_ANSWER_SUFFIX},
-             {"from": "gpt", "value": "red"}]
+    turns = [
+        {"from": "human", "value": "<image>\nWhat colour is the circle?" + SHORT_ANSWER_SUFFIX},
+        {"from": "gpt", "value": "red"},
+    ]
     assert conversation_query(turns) == "What colour is the circle?"
 
 
