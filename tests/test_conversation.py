@@ -46,7 +46,7 @@ def plain_tokenizer(llm_tokenizer):
 
 def _targets(tokenizer, ids, labels):
     assert len(ids) == len(labels)
-    return tokenizer.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l != IGNORE_INDEX])
+    return tokenizer.decode([i for i, label in zip(ids.tolist(), labels.tolist()) if label != IGNORE_INDEX])
 
 
 def test_auto_picks_the_chat_template_when_there_is_one(llm_tokenizer, plain_tokenizer):
@@ -68,7 +68,7 @@ def test_no_prompt_or_image_position_is_a_target(llm_tokenizer, template):
     assert "What color" not in targets and "How many" not in targets
     assert "USER" not in targets and "<|user|>" not in targets and "<|assistant|>" not in targets
     # Everything up to the first answer is prompt: the question, the system text, the role markers.
-    first_target = next(i for i, l in enumerate(labels.tolist()) if l != IGNORE_INDEX)
+    first_target = next(i for i, label in enumerate(labels.tolist()) if label != IGNORE_INDEX)
     prompt = llm_tokenizer.decode(ids[:first_target])
     assert "What color is the circle?" in prompt and "red" not in prompt
 
@@ -95,7 +95,7 @@ def test_generation_prompt_is_the_training_prefix(llm_tokenizer, template):
     conversation = CONVERSATION[:2]
     ids, labels = tokenize_conversation(conversation, llm_tokenizer, template)
     prompt = tokenize_generation_prompt("What color is the circle?", llm_tokenizer, template)
-    first_target = next(i for i, l in enumerate(labels.tolist()) if l != IGNORE_INDEX)
+    first_target = next(i for i, label in enumerate(labels.tolist()) if label != IGNORE_INDEX)
     assert prompt == ids[:first_target].tolist()
     text = build_generation_prompt("What color is the circle?", llm_tokenizer, template)
     assert IMAGE_TOKEN in text and "red" not in text

@@ -24,7 +24,7 @@ pytest.importorskip(
     reason="LLaVA's `llava` package is not importable; install it with pip install --no-deps llava-torch==1.2.2.post1",
 )
 
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from llava.constants import IGNORE_INDEX  # noqa: E402
 from llava.conversation import conv_templates  # noqa: E402
 from llava.mm_utils import tokenizer_image_token  # noqa: E402
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402

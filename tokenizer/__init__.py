@@ -5,5 +5,5 @@ measures it; `hub.py` is the atomic, verified file I/O that all three and the VL
 """
 
 # The public names are the model's, listed once in modeling/__init__.py.
-from .modeling import *
+from .modeling import *  # noqa: F403  (the public names are listed once, in modeling.__all__)
 from .modeling import __all__ as __all__
