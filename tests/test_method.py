@@ -114,7 +114,8 @@ def test_automatic_length_rises_with_object_count(trained):
     counts = [s["n_objects"] for s in scenes]
     rho = spearmanr(counts, lengths.tolist()).correlation
     by_count = {
-        c: sum(float(length) for n, length in zip(counts, lengths) if n == c) / counts.count(c) for c in sorted(set(counts))
+        c: sum(float(length) for n, length in zip(counts, lengths) if n == c) / counts.count(c)
+        for c in sorted(set(counts))
     }
     print(f"held-out Spearman(object count, automatic length) = {rho}; mean length by count {by_count}")
     assert rho >= 0.5, (rho, by_count)
