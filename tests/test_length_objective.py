@@ -314,5 +314,7 @@ def test_tuned_head_survives_save_and_reload_under_zero2_and_zero3(workspace, to
         with torch.no_grad():
             reloaded(**batch)
         engine_logits = load_file(run["logits"])["eos_logits"]
-        torch.testing.assert_close(reloaded.vision_tower.last_eos_logits.float(), engine_logits, rtol=0, atol=0)
+        # The engine ran under torchrun with its own thread count: sums may round differently in the last bits
+        # (up to 1e-6 seen), as for the other ZeRO reload checks; a lost or untrained head differs by far more.
+        torch.testing.assert_close(reloaded.vision_tower.last_eos_logits.float(), engine_logits, rtol=0, atol=1e-5)
         assert float(reloaded.vision_tower.last_lengths.float().mean()) < 32  # and the tuned head chooses
