@@ -200,25 +200,36 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _wait_for_server(process: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
+    last = "no answer yet"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"dove-vlm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with direct.open(url, timeout=5) as response:
                 if response.status == 200:
                     return
-        except OSError:
+                last = f"HTTP {response.status}"
+        except OSError as err:
+            last = f"{type(err).__name__}: {err}"
             time.sleep(0.5)
-    pytest.fail(f"dove-vlm serve did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(
+        f"dove-vlm serve did not answer at {url} within {timeout:.0f} s (last try: {last}):\n{log.read_text()[-3000:]}"
+    )
 
 
 @pytest.fixture
 def server(vlm_dir, tmp_path):
     port = _free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
+    # The server is a user's process: none of the distributed settings an earlier in-process run may have left
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost")
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "dove_vlm.cli", "serve", "--model", str(vlm_dir), "--port", str(port)],
