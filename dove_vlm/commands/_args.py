@@ -47,3 +47,13 @@ def _check_parents(path: Path) -> None:
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created under it")
             return
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype` as every command that loads a VLM for answering takes it."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU); the tower stays float32",
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_dtype_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="answer a question about an image with a saved VLM")
@@ -15,12 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="EOS threshold (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU); the tower stays float32",
-    )
+    add_dtype_argument(parser)
     parser.set_defaults(handler=run)
 
 

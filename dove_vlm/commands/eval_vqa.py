@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._args import output_dir
+from ._args import add_dtype_argument, output_dir
 
 SHAPES_TASK_PREFIX = "dove_shapes_vqa"
 SHAPES_DIR_ENV = "DOVE_SHAPES_DIR"
@@ -51,12 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each task (for quick checks)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
     parser.add_argument(
         "--include-path",

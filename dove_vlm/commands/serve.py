@@ -6,6 +6,8 @@ import argparse
 import importlib.util
 import sys
 
+from ._args import add_dtype_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -24,12 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (as `chat`)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="the LLM's dtype (default auto: bfloat16 on a GPU, float32 on the CPU); the tower stays float32",
-    )
+    add_dtype_argument(parser)
     parser.set_defaults(handler=run)
 
 
