@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from dove_vlm.lmms_tasks.dove_shapes_vqa.utils import normalise_answer
+from dove_vlm.lmms_tasks.dove_shapes_vqa.utils import process_short_answer
 from llava_adapter.conversation import require_question
 from llava_adapter.data import LlavaCollator, LlavaConversationDataset, pad_token_id
 from llava_adapter.inference import answer_questions, load_pretrained_model
 from llava_adapter.length_objective import AnswerLengthObjective, sampled_answer_length_objective
 from llava_adapter.modeling import DoveLlavaForCausalLM
+from tokenizer import load_image
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # the lmms-eval task's prompt
 
@@ -63,13 +64,11 @@ def test_questions(demo_dir: Path, limit: int | None) -> list[dict]:
 def evaluate(model: DoveLlavaForCausalLM, tokenizer, records: list[dict], images: Path, budget: int | None,
              batch_size: int) -> tuple[list[bool], list[int]]:  # fmt: skip
     """Greedy answers at `budget` (None: the EOS head chooses): correct or not, and the visual tokens used."""
-    from PIL import Image
-
     prompts = [r["question"] + SHORT_ANSWER_SUFFIX for r in records]
     answers = answer_questions(
         model,
         tokenizer,
-        [Image.open(images / f"{r['image_id']}.png").convert("RGB") for r in records],
+        [load_image(images / f"{r['image_id']}.png") for r in records],
         prompts,
         use_query=bool(model.config.use_query),
         budget=budget,
@@ -77,7 +76,7 @@ def evaluate(model: DoveLlavaForCausalLM, tokenizer, records: list[dict], images
         batch_size=batch_size,
         queries=[require_question(p) for p in prompts] if model.config.use_query else None,
     )
-    correct = [normalise_answer(a.text) == normalise_answer(r["answer"]) for a, r in zip(answers, records)]
+    correct = [process_short_answer(r, [a.text])["exact_match"] == 1.0 for a, r in zip(answers, records)]
     return correct, [int(a.visual_tokens) for a in answers]
 
 
