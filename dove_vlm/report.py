@@ -51,6 +51,13 @@ FIGURES = {
 # ---------------------------------------------------------------------------------------------- figures
 
 
+def _save_figure(plt: Any, figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -77,10 +84,7 @@ def plot_length_vs_complexity(study: LengthStudy, path: Path) -> Path:
     for axis in (left, right):
         axis.grid(alpha=0.3)
     figure.suptitle("Held-out scenes, no query: tokens the EOS head spends against scene complexity")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(plt, figure, path)
 
 
 def _rho(value: float) -> str:
@@ -113,10 +117,7 @@ def plot_accuracy_vs_tokens(rows: Sequence[EvalRow], blind: EvalRow | None, path
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(plt, figure, path)
 
 
 def plot_accuracy_by_type(accuracy: Mapping[str, Mapping[str, float]], path: Path) -> Path:
@@ -134,10 +135,7 @@ def plot_accuracy_by_type(accuracy: Mapping[str, Mapping[str, float]], path: Pat
     axis.set(ylabel="exact-match accuracy", ylim=(0, 1), title="Accuracy per question type (held-out scenes)")
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(plt, figure, path)
 
 
 def plot_accuracy_vs_budget_by_type(
@@ -166,10 +164,7 @@ def plot_accuracy_vs_budget_by_type(
              title="Accuracy per question type against the budget (dotted: blind)")  # fmt: skip
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(plt, figure, path)
 
 
 # ---------------------------------------------------------------------------------------------- markdown
