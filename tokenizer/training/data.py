@@ -106,6 +106,15 @@ class _ExampleDataset(Dataset):
         self.image_size = self.processor.image_size
         self.strict = bool(strict)
 
+    def _read(self, index: int, path: Path) -> Image.Image | SkippedExample:
+        """The image at `path`, or (non-strict) a `SkippedExample` saying why it could not be read."""
+        try:
+            return load_image(path)
+        except ImageLoadError as err:
+            if self.strict:
+                raise
+            return _skip(index, str(path), err)
+
     def _example(
         self, image: Image.Image, index: int, source: str, query: str = "", boxes: tuple = ()
     ) -> dict[str, Any]:
@@ -136,13 +145,8 @@ class ImageFolderDataset(_ExampleDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         path = self.paths[index]
-        try:
-            image = load_image(path)
-        except ImageLoadError as err:
-            if self.strict:
-                raise
-            return _skip(index, str(path), err)
-        return self._example(image, index, str(path))
+        image = self._read(index, path)
+        return image if isinstance(image, SkippedExample) else self._example(image, index, str(path))
 
 
 class QueryAnnotationDataset(_ExampleDataset):
@@ -198,12 +202,9 @@ class QueryAnnotationDataset(_ExampleDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedExample:
         record, path = self.records[index], self.paths[index]
-        try:
-            image = load_image(path)
-        except ImageLoadError as err:
-            if self.strict:
-                raise
-            return _skip(index, str(path), err)
+        image = self._read(index, path)
+        if isinstance(image, SkippedExample):
+            return image
         return self._example(image, index, str(path), record.question, record.boxes)
 
 
