@@ -85,12 +85,15 @@ class LengthStudy:
 
 @dataclass
 class ReconstructionStudy:
-    """Mean per-image PSNR (dB) of held-out reconstructions per budget, and at the automatic length."""
+    """Mean per-image PSNR (dB) of held-out reconstructions per budget, and at the automatic length; and the
+    share of objects whose shape `shapes.classify_shape` reads correctly (keys as for PSNR, plus "input")."""
 
     budgets: list[int]
     psnr: dict[str, float]
     mean_auto_length: float
     n_images: int
+    shape_accuracy: dict[str, float] = field(default_factory=dict)
+    n_objects: int = 0
 
 
 @dataclass
@@ -123,15 +126,20 @@ def study_tokenizer(
     budgets = sorted({b for b in recipe.report_budgets if b <= model.max_tokens} | {model.max_tokens})
     lengths: list[int] = []
     per_image: dict[str, list[float]] = defaultdict(list)
+    shapes_read: dict[str, list[bool]] = defaultdict(list)
     with torch.no_grad():
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             images = [load_image(paths.images / f"{s['image_id']}.png") for s in chunk]
             result = model.reconstruct(images, budgets=budgets)
             lengths += [int(n) for n in result.auto_lengths]
+            decoded = {"input": result.inputs, "auto": result.auto}
             for budget, recon in result.by_budget.items():
                 per_image[str(budget)] += psnr(recon, result.inputs).tolist()
+                decoded[str(budget)] = recon
             per_image["auto"] += psnr(result.auto, result.inputs).tolist()
+            for key, batch in decoded.items():
+                shapes_read[key] += _shapes_read(batch, chunk, [image.width for image in images])
     n_objects = [int(s["n_objects"]) for s in scenes]
     laplacian = [float(s["laplacian_var"]) for s in scenes]
     rho_objects, p_objects = spearman(spearmanr, lengths, n_objects)
@@ -142,6 +150,8 @@ def study_tokenizer(
         psnr={key: statistics.fmean(values) for key, values in per_image.items()},
         mean_auto_length=statistics.fmean(lengths),
         n_images=len(scenes),
+        shape_accuracy={key: statistics.fmean(read) for key, read in shapes_read.items() if read},
+        n_objects=len(shapes_read["input"]),
     )
 
     examples = examples_by_complexity(scenes, recipe.report_examples)
@@ -149,6 +159,19 @@ def study_tokenizer(
     with torch.no_grad():
         grid = model.reconstruct(images, budgets=[b for b in budgets if b != model.max_tokens] + [model.max_tokens])
     return length_study, recon_study, grid
+
+
+def _shapes_read(images: Any, scenes: Sequence[Mapping[str, Any]], scene_sizes: Sequence[int]) -> list[bool]:
+    """For every object of every scene: does `classify_shape` read its true shape from `images` ([B, 3, H, W])?
+    `scene_sizes` are the scenes' own sides in pixels, the frame their object boxes are given in."""
+    from .shapes import classify_shape
+
+    arrays = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [
+        classify_shape(array, obj["colour"], obj["box"], size) == obj["shape"]
+        for array, scene, size in zip(arrays, scenes, scene_sizes, strict=True)
+        for obj in scene["objects"]
+    ]
 
 
 def spearman(spearmanr: Any, a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -381,6 +404,7 @@ LENGTH_SPEARMAN = 0.5  # automatic length against object count on the held-out s
 QUERY_TOKEN_CUT = 0.30  # the question as the query saves at least 30% of the tokens...
 QUERY_ACCURACY_SLACK = 0.02  # ...at accuracy within 2 points of query-off
 HEADROOM_MARGIN = 0.35  # the check's 30 points plus 5 of headroom for other machines
+SHAPES_KEPT = 0.90  # the shape probe on full-budget reconstructions, as a share of its accuracy on the inputs
 
 
 @dataclass
@@ -413,8 +437,12 @@ def variable_length_findings(
     by_type: Mapping[str, Mapping[str, float]],
     spearman_objects: float,
     check: AccuracyCheck | None,
+    shape_accuracy: Mapping[str, float] | None = None,
 ) -> list[Finding]:
-    """What variable length bought in this run, each aim against its target; a pure function of the numbers."""
+    """What variable length bought in this run, each aim against its target; a pure function of the numbers.
+
+    `shape_accuracy` is `ReconstructionStudy.shape_accuracy` ("input" and one key per budget); without it the
+    last aim, that the tokens keep each object's shape, is not judged."""
     by_setting = {(r.query, r.budget): r for r in rows}
     full = full_budget_of(rows)
     findings = []
@@ -468,6 +496,16 @@ def variable_length_findings(
         "not evaluated" if check is None else f"{100 * check.margin:+.1f} points",
         None if check is None else check.margin >= HEADROOM_MARGIN,
     ))  # fmt: skip
+
+    if shape_accuracy and "input" in shape_accuracy:
+        top_key = str(max(int(k) for k in shape_accuracy if k.isdigit()))
+        kept, ceiling = shape_accuracy[top_key], shape_accuracy["input"]
+        findings.append(Finding(
+            f"the tokens keep each object's shape (shape probe, {top_key} tokens against the input)",
+            f">= {100 * SHAPES_KEPT:.0f}% of the input's {100 * ceiling:.1f}%",
+            f"{100 * kept:.1f}% ({100 * shape_accuracy.get('1', math.nan):.1f}% at one token)",
+            kept >= SHAPES_KEPT * ceiling,
+        ))  # fmt: skip
     return findings
 
 
@@ -513,6 +551,8 @@ def measure_demo(paths: DemoPaths, recipe: DemoRecipe) -> DemoMeasurements:
         type_tokens=types.mean_tokens,
         type_counts=types.counts,
         check=check,
-        findings=variable_length_findings(rows, types.accuracy, length_study.spearman_objects, check),
+        findings=variable_length_findings(
+            rows, types.accuracy, length_study.spearman_objects, check, recon_study.shape_accuracy
+        ),
         machine=machine_description(),
     )

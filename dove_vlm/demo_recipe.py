@@ -58,6 +58,7 @@ class DemoRecipe:
     stage2_projector_lr: float | None = None
     stage2_batch_size: int = 32
     stage2_lora: bool = False
+    stage2_train_lengths: str = "auto"  # finetune --train-lengths: "uniform" shows the LLM every prefix length
     tower_trainable: str = "none"
     # evaluation (dove-vlm eval-vqa)
     eval_budgets: tuple[int, ...] = (1, 2, 4)
@@ -345,6 +346,8 @@ def build_steps(recipe: DemoRecipe, paths: DemoPaths, progress: bool = True) -> 
     ]  # fmt: skip
     if recipe.stage2_projector_lr is not None:
         stage2 += ["--projector-lr", _fmt(recipe.stage2_projector_lr)]
+    if recipe.stage2_train_lengths != "auto":
+        stage2 += ["--train-lengths", recipe.stage2_train_lengths]
     title = "VLM stage 2: " + ("LoRA" if recipe.stage2_lora else "the full LLM") + " + projector (DeepSpeed ZeRO-2)"
     steps.append(_deepspeed_step("stage2", title, launcher, stage2))
 

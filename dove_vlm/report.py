@@ -32,6 +32,7 @@ from .demo_measure import (
     DemoMeasurements,
     EvalRow,
     LengthStudy,
+    ReconstructionStudy,
     full_budget_of,
     setting_name,
     type_gains,
@@ -348,6 +349,7 @@ def _tokenizer_section(paths: DemoPaths, recipe: DemoRecipe, measured: DemoMeasu
             [[*(_num(recon.psnr[str(b)], 2) for b in recon.budgets), _num(recon.psnr["auto"], 2)]],
         ),
         "",
+        *_shape_lines(recon),
         f"![length vs complexity](figures/{FIGURES['length']})",
         "",
         (
@@ -410,6 +412,28 @@ def _vlm_section(paths: DemoPaths, recipe: DemoRecipe, stages: Mapping[str, Mapp
                            "last logged loss", "logged losses"], table), ""]  # fmt: skip
     lines += _loss_curves(paths, {"stage 1": paths.stage1 / LOSS_CURVE_FILE, "stage 2": paths.stage2 / LOSS_CURVE_FILE})
     return lines
+
+
+def _shape_lines(recon: ReconstructionStudy) -> list[str]:
+    """Does each object keep its shape? `shapes.classify_shape` on the inputs (at the tokenizer's resolution)
+    and on the reconstructions; it guesses among five shapes, so 20% is chance."""
+    if not recon.shape_accuracy:
+        return []
+    keys = ["input", *(str(b) for b in recon.budgets), "auto"]
+    return [
+        (
+            f"Shapes kept: the share of the {recon.n_objects} held-out objects whose shape a fixed template probe "
+            "(`dove_vlm.shapes.classify_shape`: the five shapes drawn in the object's box, the best match to the "
+            "object's colour wins; chance 20%) reads correctly, on the input at the tokenizer's resolution and on "
+            "each reconstruction:"
+        ),
+        "",
+        *_table(
+            ["input", *(f"{b} tokens" for b in recon.budgets), "automatic"],
+            [[_pct(recon.shape_accuracy[k]) if k in recon.shape_accuracy else "-" for k in keys]],
+        ),
+        "",
+    ]
 
 
 def _loss_curves(paths: DemoPaths, curves: Mapping[str, Path]) -> list[str]:

@@ -269,6 +269,40 @@ def render_scene(
     return image
 
 
+def _shape_mask(shape: str, box: Box, image_size: int, out_size: int) -> np.ndarray:
+    """`shape` drawn in `box` (scene pixels) as a soft mask at `out_size`, area-resampled like a resized image."""
+    canvas = Image.new("L", (image_size, image_size), 0)
+    _draw_object(ImageDraw.Draw(canvas), ShapeObject(shape=shape, colour="", size="", box=box), 255)
+    if out_size != image_size:
+        canvas = canvas.resize((out_size, out_size), Image.Resampling.BOX)
+    return np.asarray(canvas, dtype=np.float64) / 255.0
+
+
+def classify_shape(image: np.ndarray, colour: str, box: Sequence[int], image_size: int) -> str | None:
+    """Which of `SHAPES` the `colour` object in `box` looks like in `image` ([H, W, 3] in [0, 1], any size).
+
+    A probe of what an image keeps, needing no training: each candidate shape is drawn in the box, and the
+    one whose mask correlates best with "how close is each pixel to the named colour" wins. Run on the inputs
+    it gives the ceiling at that resolution; on reconstructions, how much of each object's shape survived.
+    None when the box holds no trace of the colour (the object is gone, so no shape can be read).
+    """
+    out_size = image.shape[0]
+    scale = out_size / image_size
+    x, y, w, h = (int(v) for v in box)
+    left, top = max(0, math.floor(x * scale) - 1), max(0, math.floor(y * scale) - 1)
+    right, bottom = min(out_size, math.ceil((x + w) * scale) + 1), min(out_size, math.ceil((y + h) * scale) + 1)
+    target = np.asarray(COLOURS[colour], dtype=np.float64) / 255.0
+    distance = np.linalg.norm(image[top:bottom, left:right].astype(np.float64) - target, axis=-1)
+    likeness = np.exp(-((distance / 0.25) ** 2)).ravel()
+    if likeness.max() < 0.05 or likeness.std() < 1e-6:  # no pixel within ~0.43 (RGB distance) of the colour
+        return None
+    scores = {}
+    for shape in SHAPES:
+        mask = _shape_mask(shape, (x, y, w, h), image_size, out_size)[top:bottom, left:right].ravel()
+        scores[shape] = float(np.corrcoef(likeness, mask)[0, 1])
+    return max(scores, key=scores.__getitem__)
+
+
 def laplacian_variance(image: Image.Image) -> float:
     """Variance of the Laplacian of the greyscale image (pixel values in [0, 255]): a cheap busyness score."""
     gray = np.asarray(image.convert("L"), dtype=np.float64)

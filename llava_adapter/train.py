@@ -58,6 +58,7 @@ from .length_objective import DEFAULT_CANDIDATES, AnswerLengthObjective
 from .lora import apply_lora, is_lora_wrapped, merge_lora
 from .modeling import DoveLlavaForCausalLM
 from .sampler import VisualLengthGroupedSampler, cached_visual_lengths, expanded_lengths
+from .vision_tower import TRAINING_LENGTHS
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class FinetuneArguments:
     tower_trainable: str | None = None  # None: the saved model's part with `model`, else "none"
     threshold: float | None = None
     budget: int | None = None
+    train_lengths: str = "auto"  # "uniform": each training image gets a random length (vision_tower.TRAINING_LENGTHS)
     token_price: float | None = None  # None: the saved model's price with `model`, else no length objective
     length_candidates: int = DEFAULT_CANDIDATES
     model_max_length: int | None = None
@@ -145,6 +147,17 @@ class FinetuneArguments:
                 raise ValueError("--token-price needs a trainable EOS head: --tower-trainable eos_head (or generator)")
             if self.budget is not None:
                 raise ValueError("--budget forces every length, leaving --token-price nothing to choose; pass one")
+        if self.train_lengths not in TRAINING_LENGTHS:
+            raise ValueError(
+                f"--train-lengths must be one of {', '.join(TRAINING_LENGTHS)}, got {self.train_lengths!r}"
+            )
+        if self.train_lengths != "auto" and self.budget is not None:
+            raise ValueError("--budget forces every length, so --train-lengths has nothing to draw; pass one")
+        if self.train_lengths != "auto" and self.token_price is not None:
+            raise ValueError(
+                "--train-lengths uniform trains the LLM on random lengths while --token-price tunes the EOS head's "
+                "choice of length: run them as separate stages"
+            )
         if self.length_candidates < 2:
             raise ValueError(f"length_candidates must be at least 2, got {self.length_candidates}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -568,6 +581,7 @@ def finetune(args: FinetuneArguments, callbacks: Sequence[TrainerCallback] = ())
     model, tokenizer = load_model(args)
     objective = length_objective(model, args)
     configure_trainable(model, args)
+    model.vision_tower.training_lengths = args.train_lengths
     template = args.template or STAGE_TEMPLATES[args.stage] or model.config.conversation_template or "auto"
     dataset = LlavaConversationDataset(
         args.data,

@@ -11,7 +11,8 @@ to the tokenizer from construction on, so saving and reloading always carries th
 cut, so the LLM's loss reaches the generator through the kept tokens but never the EOS head: an
 `eos_head` run needs a length objective of its own, built from `last_eos_logits` (the latest call's
 EOS logits, [B, N], with their graph): see `llava_adapter.length_objective`, which asks for the answer
-at several lengths through `sharing_one_pass`.
+at several lengths through `sharing_one_pass`. In training mode, `training_lengths="uniform"` replaces the
+head's choice by a random length per image (`finetune --train-lengths uniform`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from tokenizer.modeling.dove_tokenizer import BudgetInput, DoveEncoding, config_
 from tokenizer.modeling.length import mask_from_lengths
 
 TRAINABLE_PARTS = ("none", "eos_head", "generator")
+# How a training step picks each image's length when no budget forces it: the EOS head's choice (what
+# inference sees), or a length drawn uniformly from [min_tokens, N] per image, so that the LLM learns to
+# read every prefix and a fixed budget at inference is not a length it never met.
+TRAINING_LENGTHS = ("auto", "uniform")
 
 
 class DoveVisionTower(nn.Module):
@@ -40,18 +45,23 @@ class DoveVisionTower(nn.Module):
         use_query: bool = True,
         threshold: float | None = None,
         budget: int | None = None,
+        training_lengths: str = "auto",
     ) -> None:
         """`tower_path_or_preset`: a preset name (random weights, for tests), a checkpoint dir, a hub id,
-        or a `DoveTokenizer` already in memory. `threshold` / `budget` are the defaults for `forward`."""
+        or a `DoveTokenizer` already in memory. `threshold` / `budget` are the defaults for `forward`;
+        `training_lengths` (one of `TRAINING_LENGTHS`) how lengths are chosen in training mode."""
         super().__init__()
         if trainable not in TRAINABLE_PARTS:
             raise ValueError(f"trainable must be one of {TRAINABLE_PARTS}, got {trainable!r}")
+        if training_lengths not in TRAINING_LENGTHS:
+            raise ValueError(f"training_lengths must be one of {TRAINING_LENGTHS}, got {training_lengths!r}")
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         self.trainable = trainable
         self.use_query = use_query
         self.threshold = threshold
         self.budget = budget
+        self.training_lengths = training_lengths
         self.is_loaded = False
         self.last_lengths: torch.Tensor | None = None
         self.last_eos_logits: torch.Tensor | None = None
@@ -168,6 +178,8 @@ class DoveVisionTower(nn.Module):
         self._check_preprocessed(images)
         queries = list(queries) if (self.use_query and queries is not None) else None
         budget = self.budget if budget is None else budget
+        if budget is None and self.training and self.training_lengths == "uniform":
+            budget = self._uniform_lengths(images)
         threshold = self.threshold if threshold is None else threshold
         if self._sharing:
             encoding = self._shared_encoding(images, queries, budget, threshold)
@@ -176,6 +188,15 @@ class DoveVisionTower(nn.Module):
         self.last_lengths = encoding.lengths.detach().cpu()
         self.last_eos_logits = encoding.eos_logits
         return encoding.features()
+
+    def _uniform_lengths(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """One length per image, uniform in [min_tokens, N], from torch's global generator (which the
+        Trainer seeds, so a run repeats)."""
+        if isinstance(images, torch.Tensor):
+            batch = images.shape[0] if images.ndim == 4 else 1
+        else:
+            batch = sum(image.shape[0] if image.ndim == 4 else 1 for image in images)
+        return torch.randint(self.config.min_tokens, self.num_patches + 1, (batch,))
 
     def _encode(
         self,

@@ -175,6 +175,11 @@ def test_what_variable_length_bought_is_judged_from_the_numbers_alone():
     findings = variable_length_findings(costly, flat, float("nan"), accuracy_check(costly, _row("", "", 0.40, 100)))
     assert [f.met for f in findings] == [False, False, None, False, False]
     assert "count +10.0" in findings[0].measured
+    # the sixth aim, judged only when the shape probe ran: the full budget keeps 90% of the input's reading
+    kept = variable_length_findings(rows, by_type, 0.6, check, {"input": 0.96, "1": 0.30, "8": 0.90})
+    lost = variable_length_findings(rows, by_type, 0.6, check, {"input": 0.96, "1": 0.30, "8": 0.80})
+    assert (len(kept), kept[-1].met, lost[-1].met) == (6, True, False)
+    assert "90.0% (30.0% at one token)" in kept[-1].measured
 
 
 # ---------------------------------------------------------------------------------------------- make-tiny-llm
@@ -290,7 +295,8 @@ def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(fast_dem
     # the loss curves the three training commands drew, shown where they lie
     for curve in ("tokenizer/logs/loss_curve.png", "vlm-stage1/loss_curve.png", "vlm-stage2/loss_curve.png"):
         assert f"]({curve})" in report and (out / curve).read_bytes()[:4] == b"\x89PNG", curve
-    for heading in ("Reconstruction quality", "mean automatic length", "## Evaluation", "Accuracy per question type",
+    for heading in ("Reconstruction quality", "Shapes kept", "mean automatic length", "## Evaluation",
+                    "Accuracy per question type",
                     "Accuracy per question type against the budget", "What variable length bought",
                     "## Time per step"):  # fmt: skip
         assert heading in report, heading

@@ -187,6 +187,11 @@ def test_finetune_refuses_contradictory_arguments(tmp_path, capsys):
     assert "LoRA belongs to stage 2" in capsys.readouterr().err
     assert cli_main(base + ["--stage", "2", "--model", "m", "--llm", "x"]) == 2
     assert "do not combine" in capsys.readouterr().err
+    assert cli_main(base + ["--stage", "2", "--model", "m", "--train-lengths", "uniform", "--budget", "4"]) == 2
+    assert "--train-lengths has nothing to draw" in capsys.readouterr().err
+    price = ["--tower-trainable", "eos_head", "--token-price", "0.1"]
+    assert cli_main(base + ["--stage", "2", "--model", "m", "--train-lengths", "uniform", *price]) == 2
+    assert "separate stages" in capsys.readouterr().err
 
 
 def test_finetune_stops_on_a_bad_record_before_training(workspace, tmp_path, capsys):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from llava_workspace import OutputDtypes, build_workspace
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from llava_adapter import DoveLlavaForCausalLM
@@ -121,6 +122,29 @@ def test_finetune_grouped_by_visual_length_trains_with_the_visual_length_sampler
     assert sampler.lengths == grouped.trainer.sample_lengths and len(sampler.lengths) == 8
     plain = finetune(stage1(workspace, tmp_path / "plain", max_steps=1, save_steps=None))
     assert not any(isinstance(x, VisualLengthGroupedSampler) for x in _samplers(plain.trainer.get_train_dataloader()))
+
+
+class _TowerLengths(TrainerCallback):
+    """The lengths the tower gave the LLM at every training step."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append(model.vision_tower.last_lengths.tolist())
+
+
+def test_uniform_train_lengths_reach_the_training_steps_and_stay_out_of_the_saved_model(workspace, tmp_path):
+    uniform, auto = _TowerLengths(), _TowerLengths()
+    result = finetune(stage1(workspace, tmp_path / "uniform", stage=2, max_steps=6, save_steps=None,
+                             train_lengths="uniform"), callbacks=[uniform])  # fmt: skip
+    finetune(stage1(workspace, tmp_path / "auto", stage=2, max_steps=6, save_steps=None), callbacks=[auto])
+    n = result.model.vision_tower.num_patches
+    drawn = {length for step in uniform.seen for length in step}
+    assert len(uniform.seen) == 6 and drawn <= set(range(1, n + 1)) and len(drawn) >= 4
+    assert uniform.seen != auto.seen
+    reloaded = DoveLlavaForCausalLM.from_pretrained(tmp_path / "uniform")
+    assert reloaded.vision_tower.training_lengths == "auto"  # a training choice, not part of the model
 
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])

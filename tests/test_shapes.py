@@ -18,11 +18,15 @@ from dove_vlm.shapes import (
     COLOUR_JITTER,
     COLOURS,
     QUESTION_TYPES,
+    SHAPES,
     SHORT_ANSWER_PROMPT,
+    ShapeObject,
     blind_baseline_accuracy,
+    classify_shape,
     make_shapes,
     predict_blind,
     question_only_majority,
+    render_scene,
     template_key,
 )
 
@@ -134,6 +138,30 @@ def test_scenes_are_well_formed_and_match_their_images(dataset):
             for other in objects[k + 1 :]:
                 ox, oy, ow, oh = other["box"]
                 assert x + w <= ox or ox + ow <= x or y + h <= oy or oy + oh <= y, "objects overlap"
+
+
+def test_the_shape_probe_reads_the_drawn_shape_not_the_record(dataset):
+    out, _, scenes, _ = dataset
+    read = {SIZE: [], 32: []}  # the scenes' own size, and the demo tokenizer's
+    for size, results in read.items():
+        for image_id, scene in scenes.items():
+            image = Image.open(out / "images" / f"{image_id}.png").resize((size, size), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.float64) / 255.0
+            results += [classify_shape(array, o["colour"], o["box"], SIZE) == o["shape"] for o in scene["objects"]]
+    # every object at full size; at 32 px a 5 px circle and diamond are a pixel apart (2 of 276 misread here)
+    assert all(read[SIZE]) and np.mean(read[32]) >= 0.97, (np.mean(read[SIZE]), np.mean(read[32]))
+    # the probe looks at pixels: an object painted over with the background is gone, a blob is no triangle
+    image_id, scene = next(iter(scenes.items()))
+    obj = scene["objects"][0]
+    x, y, w, h = obj["box"]
+    array = np.asarray(Image.open(out / "images" / f"{image_id}.png"), dtype=np.float64) / 255.0
+    erased = array.copy()
+    erased[y : y + h, x : x + w] = array[0, 0]
+    assert classify_shape(erased, obj["colour"], obj["box"], SIZE) is None
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:  # the same box and colour, each shape drawn in turn: the probe follows the drawing
+        drawn = render_scene([ShapeObject(shape, obj["colour"], obj["size"], (x, y, w, h))], "plain", SIZE, rng)
+        assert classify_shape(np.asarray(drawn) / 255.0, obj["colour"], obj["box"], SIZE) == shape
 
 
 def test_answers_and_boxes_agree_with_the_scene(dataset):

@@ -88,6 +88,28 @@ def test_automatic_lengths_come_from_the_eos_head(calibrated_tokenizer, images):
     assert all(a <= b for a, b in zip((f.shape[0] for f in lower), lengths))
 
 
+def test_uniform_training_lengths_draw_every_length_in_training_and_none_in_eval(calibrated_tokenizer, images):
+    tower = DoveVisionTower(calibrated_tokenizer, training_lengths="uniform")
+    n, low = tower.num_patches, calibrated_tokenizer.config.min_tokens
+    auto = calibrated_tokenizer.encode(images, queries=QUERIES).lengths.tolist()
+    tower.eval()
+    assert [f.shape[0] for f in tower(images, queries=QUERIES)] == auto  # inference keeps the EOS head's choice
+    tower.train()
+    torch.manual_seed(3)
+    drawn = [[f.shape[0] for f in tower(images, queries=QUERIES)] for _ in range(200)]
+    seen = {length for lengths in drawn for length in lengths}
+    assert seen == set(range(low, n + 1)), "every length from min_tokens to N is drawn"
+    assert [f.shape[0] for f in tower(images, queries=QUERIES, budget=2)] == [2] * 4  # a budget still forces
+    torch.manual_seed(3)
+    assert [[f.shape[0] for f in tower(images, queries=QUERIES)] for _ in range(200)] == drawn  # seeded: repeats
+    # each drawn length cuts the same token sequence: a prefix of the full encoding
+    full = calibrated_tokenizer.encode(images, queries=QUERIES, budget=n)
+    for feature, tokens in zip(tower(images, queries=QUERIES), full.tokens):
+        torch.testing.assert_close(feature, tokens[: feature.shape[0]])
+    with pytest.raises(ValueError, match="training_lengths"):
+        DoveVisionTower(calibrated_tokenizer, training_lengths="random")
+
+
 def test_a_frozen_tower_ignores_the_training_steps_autocast(calibrated_tokenizer, images):
     """Lengths picked inside a bf16 training step must equal the fp32 lengths inference and the cache use."""
     tower = DoveVisionTower(calibrated_tokenizer)

@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     start.add_argument("--threshold", type=float, help="tower EOS threshold (default: the tower's)")
     start.add_argument("--budget", type=int, help="force every image to this many visual tokens")
+    start.add_argument(
+        "--train-lengths",
+        default="auto",
+        choices=("auto", "uniform"),
+        help="each training image's length: the EOS head's choice (auto), or drawn uniformly from 1..N so the LLM "
+        "learns to read any prefix and fixed budgets at inference are lengths it has met (uniform)",
+    )
     start.add_argument("--model-max-length", type=int, help="tokens the LLM sees, visual tokens included")
 
     data = parser.add_argument_group("data")
