@@ -179,7 +179,10 @@ class DoveVisionTower(nn.Module):
         queries = list(queries) if (self.use_query and queries is not None) else None
         budget = self.budget if budget is None else budget
         if budget is None and self.training and self.training_lengths == "uniform":
-            budget = self._uniform_lengths(images)
+            # One length per image, uniform in [min_tokens, N], from torch's global generator (which the
+            # Trainer seeds, so a run repeats); the image processor says how many images came.
+            images = self.tokenizer.pixels(images)
+            budget = torch.randint(self.config.min_tokens, self.num_patches + 1, (images.shape[0],))
         threshold = self.threshold if threshold is None else threshold
         if self._sharing:
             encoding = self._shared_encoding(images, queries, budget, threshold)
@@ -188,15 +191,6 @@ class DoveVisionTower(nn.Module):
         self.last_lengths = encoding.lengths.detach().cpu()
         self.last_eos_logits = encoding.eos_logits
         return encoding.features()
-
-    def _uniform_lengths(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """One length per image, uniform in [min_tokens, N], from torch's global generator (which the
-        Trainer seeds, so a run repeats)."""
-        if isinstance(images, torch.Tensor):
-            batch = images.shape[0] if images.ndim == 4 else 1
-        else:
-            batch = sum(image.shape[0] if image.ndim == 4 else 1 for image in images)
-        return torch.randint(self.config.min_tokens, self.num_patches + 1, (batch,))
 
     def _encode(
         self,
