@@ -146,9 +146,6 @@ FULL = DemoRecipe(
     # of 1200 took the 1 -> 8 token PSNR gap from 0.9 to 2.6 dB (docs/benchmarks.md).
     tokenizer_train={**_TOKENIZER_COMMON, "max_steps": 4800, "vq_warmup_steps": 1600, "length_ramp_steps": 300,
                      "grid_every": 1600},
-    # Four layers instead of two: the count questions are where a two-layer LLM fell short on some seeds
-    # (+6.4 points on seed 2 for about a minute more of stage 2; docs/benchmarks.md).
-    llm_layers=4,
     stage1_epochs=0.5,
     stage2_epochs=5.0,
     # Trained on the EOS head's lengths alone, the LLM mostly sees one or two tokens and reads eight worse
