@@ -311,8 +311,19 @@ class TypeResults:
     counts: dict[str, int]
 
 
-def per_type_results(eval_dir: Path, data_dir: Path) -> TypeResults:
-    """Accuracy and visual tokens per question type for each evaluated setting, from lmms-eval's samples logs."""
+def newest_samples_log(setting_dir: Path) -> Path | None:
+    """This run's samples log for one setting of `eval-vqa`: the newest under `setting_dir`.
+
+    lmms-eval writes each run into a folder named after the model's path and never removes earlier runs,
+    so re-running the evaluation, or the evaluation of a demo directory that was copied or moved, leaves
+    older logs beside the new one; ordered by path, an older run can come last."""
+    logs = [p for p in setting_dir.rglob(f"*samples_{SHAPES_TASK}.jsonl") if p.is_file()]
+    return max(logs, key=lambda p: (p.stat().st_mtime_ns, p.name)) if logs else None
+
+
+def per_type_results(eval_dir: Path, data_dir: Path, settings: Sequence[str]) -> TypeResults:
+    """Accuracy and visual tokens per question type for each of `settings` (those of results.csv, the
+    evaluation these numbers must agree with), from lmms-eval's samples logs."""
     import pyarrow.parquet as pq
 
     from .shapes import QUESTION_TYPES, blind_baseline_accuracy
@@ -326,14 +337,18 @@ def per_type_results(eval_dir: Path, data_dir: Path) -> TypeResults:
     tokens: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     evaluated: list[str] | None = None
-    for run_dir in sorted(p for p in (_need(eval_dir / "runs", "eval")).iterdir() if p.is_dir()):
-        logs = sorted(run_dir.rglob(f"*samples_{SHAPES_TASK}.jsonl"))
-        if not logs:
-            continue
+    runs = _need(eval_dir / "runs", "eval")
+    for setting in settings:
+        log = newest_samples_log(runs / setting)
+        if log is None:
+            raise FileNotFoundError(
+                f"{eval_dir}/results.csv lists the setting {setting!r} but {runs / setting} holds no "
+                f"samples log; re-run the demo's eval step"
+            )
         outcomes: dict[str, list[float]] = defaultdict(list)
         visual: dict[str, list[int]] = defaultdict(list)
         ids = []
-        with open(logs[-1], encoding="utf-8") as handle:
+        with open(log, encoding="utf-8") as handle:
             for line in handle:
                 if not line.strip():
                     continue
@@ -345,8 +360,8 @@ def per_type_results(eval_dir: Path, data_dir: Path) -> TypeResults:
                 record = (sample.get("token_counts") or [{}])[0] or {}
                 if isinstance(record.get("visual_tokens"), int):
                     visual[question_type].append(record["visual_tokens"])
-        accuracy[run_dir.name] = {t: statistics.fmean(v) for t, v in outcomes.items()}
-        tokens[run_dir.name] = {t: statistics.fmean(v) for t, v in visual.items()}
+        accuracy[setting] = {t: statistics.fmean(v) for t, v in outcomes.items()}
+        tokens[setting] = {t: statistics.fmean(v) for t, v in visual.items()}
         if evaluated is None:
             evaluated = ids
     if evaluated is not None:
@@ -536,7 +551,7 @@ def measure_demo(paths: DemoPaths, recipe: DemoRecipe) -> DemoMeasurements:
     """Measure what the report states from the files the demo's steps wrote under `paths`."""
     length_study, recon_study, grid = study_tokenizer(paths, recipe)
     rows, blind = read_eval_rows(paths.eval)
-    types = per_type_results(paths.eval, paths.data)
+    types = per_type_results(paths.eval, paths.data, [row.setting for row in rows])
     check = accuracy_check(rows, blind)
     return DemoMeasurements(
         data=summarise_data(paths),

@@ -337,3 +337,37 @@ def test_the_fast_demo_runs_and_its_report_holds_every_figure_and_table(fast_dem
 
     state = json.loads((out / "demo.json").read_text())
     assert set(state["timings"]) == set(STEP_NAMES)
+
+
+def _write_samples_log(path: Path, outcomes: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"doc_id": i, "exact_match": hit, "token_counts": [{"visual_tokens": 1}]})
+             for i, hit in enumerate(outcomes)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_per_type_accuracy_reads_this_runs_samples_log_of_each_evaluated_setting(tmp_path):
+    import os
+
+    from dove_vlm.demo_measure import per_type_results
+    from dove_vlm.shapes import make_shapes
+
+    data = tmp_path / "data"
+    make_shapes(data, n=10, seed=0, progress=False)
+    n_test = len(json.loads((data / "test" / "annotations.json").read_text()))
+    runs = tmp_path / "eval" / "runs"
+    # an earlier evaluation of the same directory, under another model path that sorts last
+    old = runs / "query-on_budget-1" / "z_old__vlm-stage2" / "20260101_000000_samples_dove_shapes_vqa.jsonl"
+    _write_samples_log(old, [0.0] * n_test)
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
+    _write_samples_log(runs / "query-on_budget-1" / "a_new__vlm-stage2" / "samples_dove_shapes_vqa.jsonl",
+                       [1.0] * n_test)  # fmt: skip
+    # a setting of the earlier evaluation that this one did not run
+    _write_samples_log(runs / "query-on_budget-16" / "m" / "samples_dove_shapes_vqa.jsonl", [0.0] * n_test)
+
+    results = per_type_results(tmp_path / "eval", data, ["query-on_budget-1"])
+    assert set(results.accuracy) == {"query-on_budget-1", "blind"}
+    fresh = results.accuracy["query-on_budget-1"]
+    assert fresh and all(value == 1.0 for value in fresh.values())
+    with pytest.raises(FileNotFoundError, match="query-off_budget-1"):
+        per_type_results(tmp_path / "eval", data, ["query-off_budget-1"])
