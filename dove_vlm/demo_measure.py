@@ -264,6 +264,7 @@ class EvalRow:
     median_tokens: float
     max_tokens: float
     answers_per_s: float
+    samples_log: str = ""  # relative to the eval directory: the lmms-eval log this row was computed from
 
 
 def read_eval_rows(eval_dir: Path) -> tuple[list[EvalRow], EvalRow | None]:
@@ -284,6 +285,7 @@ def read_eval_rows(eval_dir: Path) -> tuple[list[EvalRow], EvalRow | None]:
                 median_tokens=_float(raw["median_visual_tokens"]),
                 max_tokens=_float(raw["max_visual_tokens"]),
                 answers_per_s=_float(raw["answers_per_s"]),
+                samples_log=raw.get("samples_log") or "",
             )
             if row.setting == "blind":
                 blind = row
@@ -311,19 +313,10 @@ class TypeResults:
     counts: dict[str, int]
 
 
-def newest_samples_log(setting_dir: Path) -> Path | None:
-    """This run's samples log for one setting of `eval-vqa`: the newest under `setting_dir`.
-
-    lmms-eval writes each run into a folder named after the model's path and never removes earlier runs,
-    so re-running the evaluation, or the evaluation of a demo directory that was copied or moved, leaves
-    older logs beside the new one; ordered by path, an older run can come last."""
-    logs = [p for p in setting_dir.rglob(f"*samples_{SHAPES_TASK}.jsonl") if p.is_file()]
-    return max(logs, key=lambda p: (p.stat().st_mtime_ns, p.name)) if logs else None
-
-
-def per_type_results(eval_dir: Path, data_dir: Path, settings: Sequence[str]) -> TypeResults:
-    """Accuracy and visual tokens per question type for each of `settings` (those of results.csv, the
-    evaluation these numbers must agree with), from lmms-eval's samples logs."""
+def per_type_results(eval_dir: Path, data_dir: Path, rows: Sequence[EvalRow]) -> TypeResults:
+    """Accuracy and visual tokens per question type for each setting of `rows` (those of results.csv, the
+    evaluation these numbers must agree with), from the lmms-eval samples log each row names. Earlier
+    evaluations of the same directory leave their logs beside it, so no other log is read."""
     import pyarrow.parquet as pq
 
     from .shapes import QUESTION_TYPES, blind_baseline_accuracy
@@ -337,13 +330,18 @@ def per_type_results(eval_dir: Path, data_dir: Path, settings: Sequence[str]) ->
     tokens: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     evaluated: list[str] | None = None
-    runs = _need(eval_dir / "runs", "eval")
-    for setting in settings:
-        log = newest_samples_log(runs / setting)
-        if log is None:
+    for row in rows:
+        setting = row.setting
+        if not row.samples_log:
+            raise ValueError(
+                f"{eval_dir}/results.csv names no samples log for the setting {setting!r} (written by an older "
+                "eval-vqa); re-run the demo's eval step"
+            )
+        log = (eval_dir / row.samples_log).resolve()
+        if not log.is_relative_to(eval_dir.resolve()) or not log.is_file():
             raise FileNotFoundError(
-                f"{eval_dir}/results.csv lists the setting {setting!r} but {runs / setting} holds no "
-                f"samples log; re-run the demo's eval step"
+                f"{eval_dir}/results.csv names {row.samples_log!r} as the samples log of the setting {setting!r}, "
+                f"but no such file lies under {eval_dir}; re-run the demo's eval step"
             )
         outcomes: dict[str, list[float]] = defaultdict(list)
         visual: dict[str, list[int]] = defaultdict(list)
@@ -551,7 +549,7 @@ def measure_demo(paths: DemoPaths, recipe: DemoRecipe) -> DemoMeasurements:
     """Measure what the report states from the files the demo's steps wrote under `paths`."""
     length_study, recon_study, grid = study_tokenizer(paths, recipe)
     rows, blind = read_eval_rows(paths.eval)
-    types = per_type_results(paths.eval, paths.data, [row.setting for row in rows])
+    types = per_type_results(paths.eval, paths.data, rows)
     check = accuracy_check(rows, blind)
     return DemoMeasurements(
         data=summarise_data(paths),

@@ -346,28 +346,32 @@ def _write_samples_log(path: Path, outcomes: list[float]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_per_type_accuracy_reads_this_runs_samples_log_of_each_evaluated_setting(tmp_path):
-    import os
-
-    from dove_vlm.demo_measure import per_type_results
+def test_per_type_accuracy_reads_the_samples_log_each_row_of_results_csv_names(tmp_path):
+    from dove_vlm.demo_measure import EvalRow, per_type_results
     from dove_vlm.shapes import make_shapes
 
     data = tmp_path / "data"
     make_shapes(data, n=10, seed=0, progress=False)
     n_test = len(json.loads((data / "test" / "annotations.json").read_text()))
-    runs = tmp_path / "eval" / "runs"
-    # an earlier evaluation of the same directory, under another model path that sorts last
-    old = runs / "query-on_budget-1" / "z_old__vlm-stage2" / "20260101_000000_samples_dove_shapes_vqa.jsonl"
-    _write_samples_log(old, [0.0] * n_test)
-    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
-    _write_samples_log(runs / "query-on_budget-1" / "a_new__vlm-stage2" / "samples_dove_shapes_vqa.jsonl",
-                       [1.0] * n_test)  # fmt: skip
+    eval_dir = tmp_path / "eval"
+    setting = eval_dir / "runs" / "query-on_budget-1"
+    this_run = "runs/query-on_budget-1/a__vlm-stage2/20260102_000000_samples_dove_shapes_vqa.jsonl"
+    _write_samples_log(eval_dir / this_run, [1.0] * n_test)
+    # an earlier evaluation of the same directory, newer on disk and sorting last by path
+    _write_samples_log(setting / "z__vlm-stage2" / "20260101_000000_samples_dove_shapes_vqa.jsonl", [0.0] * n_test)
     # a setting of the earlier evaluation that this one did not run
-    _write_samples_log(runs / "query-on_budget-16" / "m" / "samples_dove_shapes_vqa.jsonl", [0.0] * n_test)
+    _write_samples_log(eval_dir / "runs" / "query-on_budget-16" / "m" / "samples_dove_shapes_vqa.jsonl", [0.0] * n_test)
 
-    results = per_type_results(tmp_path / "eval", data, ["query-on_budget-1"])
+    def row(setting_name: str, log: str) -> EvalRow:
+        return EvalRow(setting_name, "on", "1", 1.0, n_test, 1.0, 1.0, 1.0, 10.0, samples_log=log)
+
+    results = per_type_results(eval_dir, data, [row("query-on_budget-1", this_run)])
     assert set(results.accuracy) == {"query-on_budget-1", "blind"}
     fresh = results.accuracy["query-on_budget-1"]
     assert fresh and all(value == 1.0 for value in fresh.values())
     with pytest.raises(FileNotFoundError, match="query-off_budget-1"):
-        per_type_results(tmp_path / "eval", data, ["query-off_budget-1"])
+        per_type_results(eval_dir, data, [row("query-off_budget-1", "runs/query-off_budget-1/x_samples.jsonl")])
+    with pytest.raises(FileNotFoundError, match="no such file lies under"):
+        per_type_results(eval_dir, data, [row("query-on_budget-1", "../../outside_samples.jsonl")])
+    with pytest.raises(ValueError, match="re-run the demo's eval step"):
+        per_type_results(eval_dir, data, [row("query-on_budget-1", "")])

@@ -502,6 +502,12 @@ def test_eval_vqa_writes_table_plot_and_blind_baseline(vlm_dir, shapes_env, tmp_
     test = json.loads((shapes_env / "test" / "annotations.json").read_text())[:6]
     assert float(blind["accuracy"]) == pytest.approx(blind_baseline_accuracy(train, test))
     assert float(blind["mean_visual_tokens"]) == 0.0
+    # Each row names the samples log it was computed from, inside its own setting's folder.
+    for row in rows:
+        if row["setting"] != "blind":
+            log = out / row["samples_log"]
+            assert log.is_file() and log.is_relative_to(out / "runs" / row["setting"])
+            assert sum(1 for line in log.read_text().splitlines() if line.strip()) == int(row["n"])
     # Each row is the run it summarises: the results JSON of that setting holds the same accuracy.
     auto_on = next(r for r in rows if (r["query"], r["budget"]) == ("on", "auto"))
     [run_results] = glob.glob(str(out / "runs" / auto_on["setting"] / "*" / "*_results.json"))

@@ -7,7 +7,8 @@ Runs lmms-eval (`simple_evaluate`, the `dove_llava` model) once per setting: que
 once. Writes:
     OUT/runs/<setting>/...              lmms-eval's own results JSON and samples log for that setting
     OUT/results.csv, OUT/results.md     one row per (setting, task): accuracy (the task's first metric),
-                                        mean / median / max visual tokens, answers per second
+                                        mean / median / max visual tokens, answers per second; the csv also
+                                        names the samples log the row was computed from (relative to OUT)
     OUT/accuracy_vs_visual_tokens.png   accuracy against mean visual tokens, query on and off as two curves
 For the shapes tasks the table also has a `blind` row: the accuracy of answering from the question alone
 (the majority training answer), on the same questions, so a reader sees how much the image is used.
@@ -32,7 +33,7 @@ SHAPES_DIR_ENV = "DOVE_SHAPES_DIR"
 PLOT_NAME = "accuracy_vs_visual_tokens.png"
 COLUMNS = (
     "setting", "task", "query", "budget", "metric", "accuracy", "n", "mean_visual_tokens",
-    "median_visual_tokens", "max_visual_tokens", "answers_per_s", "errors",
+    "median_visual_tokens", "max_visual_tokens", "answers_per_s", "errors", "samples_log",
 )  # fmt: skip
 
 
@@ -107,10 +108,12 @@ def run(args: argparse.Namespace) -> int:
             setting = f"query-{'on' if use_query else 'off'}_budget-{budget}"
             print(f"eval-vqa: {setting}", flush=True)
             _warm_up(model, args, tasks, task_manager)
-            results = _evaluate(model, args, tasks, task_manager, output / "runs" / setting)
+            results, logs = _evaluate(model, args, tasks, task_manager, output / "runs" / setting)
             for task, summary in _summarise(results).items():
+                log = logs.get(task)
                 rows.append({"setting": setting, "task": task, "query": "on" if use_query else "off",
-                             "budget": str(budget), **summary})  # fmt: skip
+                             "budget": str(budget), **summary,
+                             "samples_log": log.relative_to(output).as_posix() if log else ""})  # fmt: skip
                 evaluated_ids.setdefault(task, _question_ids(results["samples"][task]))
     if shapes_dir is not None:
         rows += _blind_rows(shapes_dir, evaluated_ids)
@@ -142,8 +145,12 @@ def _warm_up(model: Any, args: argparse.Namespace, tasks: list[str], task_manage
     )
 
 
-def _evaluate(model: Any, args: argparse.Namespace, tasks: list[str], task_manager: Any, out_dir: Path) -> dict:
-    """One lmms-eval run, saved the way its CLI saves one (results JSON + samples JSONL per task)."""
+def _evaluate(
+    model: Any, args: argparse.Namespace, tasks: list[str], task_manager: Any, out_dir: Path
+) -> tuple[dict, dict[str, Path]]:
+    """One lmms-eval run, saved the way its CLI saves one (results JSON + samples JSONL per task); returns the
+    results and each task's samples log of this run. lmms-eval never removes earlier runs' logs from
+    `out_dir`, so the table names the one it was computed from."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
@@ -167,9 +174,13 @@ def _evaluate(model: Any, args: argparse.Namespace, tasks: list[str], task_manag
     samples = {task: [dict(sample) for sample in records] for task, records in results["samples"].items()}
     saved = {key: value for key, value in results.items() if key != "samples"}
     tracker.save_results_aggregated(results=saved, samples=samples, datetime_str=datetime_str)
+    logs = {}
     for task in saved["configs"]:
         tracker.save_results_samples(task_name=task, samples=samples[task])
-    return results
+        written = sorted(out_dir.rglob(f"{tracker.date_id}_samples_{task}.jsonl"))
+        if len(written) == 1:
+            logs[task] = written[0]
+    return results, logs
 
 
 def _summarise(results: dict) -> dict[str, dict[str, Any]]:
@@ -225,7 +236,7 @@ def _blind_rows(shapes_dir: Path, evaluated_ids: dict[str, list[str]]) -> list[d
         accuracy = blind_baseline_accuracy(train, [test[i] for i in ids])
         rows.append({"setting": "blind", "task": task, "query": "", "budget": "", "metric": "majority answer",
                      "accuracy": accuracy, "n": len(ids), "mean_visual_tokens": 0.0, "median_visual_tokens": 0.0,
-                     "max_visual_tokens": 0.0, "answers_per_s": math.nan, "errors": 0})  # fmt: skip
+                     "max_visual_tokens": 0.0, "answers_per_s": math.nan, "errors": 0, "samples_log": ""})  # fmt: skip
     return rows
 
 
