@@ -334,8 +334,8 @@ def per_type_results(eval_dir: Path, data_dir: Path, rows: Sequence[EvalRow]) ->
         setting = row.setting
         if not row.samples_log:
             raise ValueError(
-                f"{eval_dir}/results.csv names no samples log for the setting {setting!r} (written by an older "
-                "eval-vqa); re-run the demo's eval step"
+                f"{eval_dir}/results.csv names no samples log for the setting {setting!r} (an eval-vqa older than "
+                "that column, or lmms-eval wrote no single samples log for the run); re-run the demo's eval step"
             )
         log = (eval_dir / row.samples_log).resolve()
         if not log.is_relative_to(eval_dir.resolve()) or not log.is_file():
